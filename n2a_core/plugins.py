@@ -1,0 +1,249 @@
+"""Plugin discovery and the one registry that holds every component kind.
+
+Plugins are modules listed under the entry-point group ``n2a`` (built-ins included:
+see pyproject.toml). Each module implements some of the hooks in `hookspecs` and calls
+``register(name, spec_class, factory, description)`` for every component it provides.
+
+A plugin that fails to import, misspells a hook, or raises while registering does not
+break n2a: it is recorded with status ``error`` and shown by ``n2a list-plugins``.
+
+Environment switches (llm/datasette style):
+- ``N2A_LOAD_PLUGINS=a,b``: load only these entry-point names ('' loads none).
+- ``N2A_TRACE_PLUGINS=1``: print every hook call pluggy makes.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import inspect
+import os
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Union
+
+import pluggy
+from pydantic import Field, TypeAdapter, ValidationError
+
+from n2a_core import hookspecs
+from n2a_core.errors import PluginError, did_you_mean
+from n2a_core.kinds import KINDS
+
+ENTRY_POINT_GROUP = "n2a"
+
+
+@dataclass(frozen=True)
+class PluginSource:
+    """Where a plugin module came from: its entry point and distribution."""
+
+    name: str
+    package: str
+    version: str
+
+
+@dataclass
+class PluginStatus:
+    source: PluginSource
+    status: str = "ok"
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Component:
+    """One registered component: what `register(...)` was called with, plus its origin."""
+
+    kind: str
+    name: str
+    spec: type
+    factory: Callable[..., Any]
+    description: str
+    source: PluginSource
+
+
+@dataclass
+class Registry:
+    """Every component of every kind, keyed by (kind, name)."""
+
+    components: dict[str, dict[str, Component]] = field(
+        default_factory=lambda: {kind: {} for kind in KINDS}
+    )
+    plugins: dict[str, PluginStatus] = field(default_factory=dict)
+
+    # -- registration -------------------------------------------------------------
+    def register(
+        self,
+        kind: str,
+        name: str,
+        spec: type,
+        factory: Callable[..., Any],
+        description: str | None = None,
+        *,
+        source: PluginSource,
+    ) -> None:
+        from n2a_core.specs import ComponentSpec
+
+        if kind not in KINDS:
+            raise PluginError(f"plugin '{source.name}': unknown kind '{kind}'{did_you_mean(kind, KINDS)}")
+        if not (isinstance(spec, type) and issubclass(spec, ComponentSpec)):
+            raise PluginError(f"plugin '{source.name}': {kind} '{name}' spec must subclass n2a_core.ComponentSpec")
+        tag = spec.model_fields["type"].default
+        if tag != name:
+            raise PluginError(
+                f"plugin '{source.name}': {kind} '{name}' has spec {spec.__name__} whose "
+                f"type defaults to {tag!r}; declare `type: Literal[{name!r}] = {name!r}`"
+            )
+        existing = self.components[kind].get(name)
+        if existing is not None:
+            raise PluginError(
+                f"{kind} '{name}' is registered twice: by plugin '{existing.source.name}' "
+                f"({existing.source.package}) and by '{source.name}' ({source.package}); "
+                "uninstall one or disable it with N2A_LOAD_PLUGINS"
+            )
+        if description is None:
+            description = (inspect.getdoc(factory) or "").strip().splitlines()[0:1]
+            description = description[0] if description else ""
+        self.components[kind][name] = Component(kind, name, spec, factory, description, source)
+        self._adapter.cache_clear()
+
+    def forget_plugin(self, plugin_name: str) -> None:
+        """Remove every component a plugin registered (used when its hook fails midway)."""
+        for kind in self.components:
+            for name in [n for n, c in self.components[kind].items() if c.source.name == plugin_name]:
+                del self.components[kind][name]
+        self._adapter.cache_clear()
+
+    # -- lookup -------------------------------------------------------------------
+    def names(self, kind: str) -> list[str]:
+        return sorted(self.components[kind])
+
+    def get(self, kind: str, name: str) -> Component:
+        try:
+            return self.components[kind][name]
+        except KeyError:
+            installed = ", ".join(self.names(kind)) or "none"
+            raise PluginError(
+                f"{kind}: unknown plugin '{name}'{did_you_mean(name, self.names(kind))}; "
+                f"installed: {installed}"
+            ) from None
+
+    def all(self, kind: str | None = None) -> list[Component]:
+        kinds = [kind] if kind else list(KINDS)
+        return [self.components[k][n] for k in kinds for n in self.names(k)]
+
+    # -- specs --------------------------------------------------------------------
+    @functools.cache
+    def _adapter(self, kind: str) -> TypeAdapter:
+        return TypeAdapter(self.spec_type(kind))
+
+    def spec_type(self, kind: str) -> Any:
+        """The discriminated union of every registered spec of `kind` (open to plugins)."""
+        specs = [c.spec for c in self.all(kind)]
+        if not specs:
+            raise PluginError(f"no {kind} plugin is installed; `n2a list-plugins` shows what loaded")
+        if len(specs) == 1:
+            return specs[0]
+        return Annotated[Union[tuple(specs)], Field(discriminator="type")]  # noqa: UP007
+
+    def validate_spec(self, kind: str, data: Any):
+        """A component spec from a dict or a plugin name, with n2a's one-line errors."""
+        from n2a_core.specs import format_validation_error
+
+        if isinstance(data, str):
+            data = {"type": data}
+        if isinstance(data, dict):
+            self.get(kind, data.get("type", KINDS[kind].default))  # unknown names: did-you-mean
+            data = {"type": KINDS[kind].default, **data}
+        try:
+            return self._adapter(kind).validate_python(data)
+        except ValidationError as e:
+            raise format_validation_error(e, data=data, prefix=(kind,), registry=self) from None
+
+    def build(self, kind: str, spec, context=None):
+        """Instantiate a component from its validated spec."""
+        from n2a_core.specs import BuildContext
+
+        component = self.get(kind, spec.type)
+        return component.factory(spec, context or BuildContext())
+
+    def __hash__(self) -> int:  # functools.cache on methods needs a hashable self
+        return id(self)
+
+
+def _entry_points() -> list[importlib.metadata.EntryPoint]:
+    eps = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    allow = os.environ.get("N2A_LOAD_PLUGINS")
+    if allow is not None:
+        wanted = {a.strip() for a in allow.split(",") if a.strip()}
+        eps = [ep for ep in eps if ep.name in wanted]
+    # Distinct entry points only: an editable install can list the same one twice.
+    unique = {(ep.name, ep.value): ep for ep in eps}
+    return sorted(unique.values(), key=lambda ep: ep.name)
+
+
+def _source_of(ep: importlib.metadata.EntryPoint) -> PluginSource:
+    dist = getattr(ep, "dist", None)
+    return PluginSource(ep.name, dist.name if dist else "?", dist.version if dist else "?")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def load_plugins(
+    extra: Iterable[tuple[object, PluginSource]] = (), *, entry_points: bool = True
+) -> Registry:
+    """Load every plugin (entry points, then `extra` objects) into a fresh Registry."""
+    registry = Registry()
+    pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
+    pm.add_hookspecs(hookspecs)
+    if os.environ.get("N2A_TRACE_PLUGINS"):
+        pm.trace.root.setwriter(lambda msg: print(msg, end="", file=sys.stderr))
+        pm.enable_tracing()
+
+    candidates: list[tuple[Callable[[], object], PluginSource]] = []
+    if entry_points:
+        candidates += [(ep.load, _source_of(ep)) for ep in _entry_points()]
+    candidates += [(lambda obj=obj: obj, source) for obj, source in extra]
+
+    for load, source in candidates:
+        status = registry.plugins.setdefault(source.name, PluginStatus(source))
+        try:
+            pm.register(load(), name=source.name)
+            # Misspelled hook names are only reported when asked for.
+            pm.check_pending()
+        except Exception as exc:  # a broken plugin must not take the CLI down
+            if pm.has_plugin(source.name):
+                pm.unregister(name=source.name)
+            status.status, status.error = "error", _one_line(exc)
+
+    for kind in KINDS.values():
+        for impl in getattr(pm.hook, kind.hook).get_hookimpls():
+            status = registry.plugins[impl.plugin_name]
+            if status.status == "error":
+                continue
+            register = functools.partial(registry.register, kind.name, source=status.source)
+            try:
+                impl.function(register=register)
+            except Exception as exc:
+                registry.forget_plugin(impl.plugin_name)
+                status.status, status.error = "error", _one_line(exc)
+    return registry
+
+
+_REGISTRY: Registry | None = None
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, loaded from entry points on first use."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        _REGISTRY = load_plugins()
+    return _REGISTRY
+
+
+def set_registry(registry: Registry | None) -> None:
+    """Replace (or with None, forget) the process-wide registry; tests use this."""
+    global _REGISTRY
+    _REGISTRY = registry

@@ -1,0 +1,318 @@
+"""Pydantic specs: the component spec base, the training sections and the run spec.
+
+A run spec names one plugin per kind plus its parameters, and the training settings of
+both stages. Its component fields are open unions built from the registry, so a
+third-party spec validates exactly like a built-in one. Specs load from YAML, TOML or
+JSON; CLI overrides (`--schedule cosine`, `--set denoiser.base_channels=128`) apply on
+top; every mistake is reported as one line naming the field, before any compute.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from n2a_core.errors import SpecError, did_you_mean
+from n2a_core.kinds import KINDS
+
+
+class N2ASpec(BaseModel):
+    """Base of every n2a spec: unknown keys are errors, field docstrings become docs."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ComponentSpec(N2ASpec):
+    """Base of a plugin's spec. Subclasses declare `type: Literal["name"] = "name"`."""
+
+    type: str
+
+    def params(self) -> dict[str, Any]:
+        """The fields as plain keyword arguments for the component's constructor."""
+        return self.model_dump(exclude={"type"})
+
+
+@dataclass
+class BuildContext:
+    """What a factory may need beyond its spec, supplied by the pipeline assembler."""
+
+    label_vocabulary: list[str] | None = None
+    """Sorted class labels of the training data (class-label conditioners need it)."""
+    device: torch.device | str = "cpu"
+    cache_dir: Path | None = None
+    """Where a plugin may keep derived files (rendered images, embedding caches)."""
+    latent_channels: int | None = None
+    """The autoencoder's latent channels, for denoiser specs that leave theirs unset."""
+    conditioning: Any = None
+    """The conditioner's output as an `n2a_core.Conditioning` (kind, dim), or None when the
+    run is unconditional; for denoiser specs that leave their conditioning unset."""
+
+
+# -- training sections -------------------------------------------------------------------
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class OptimSpec(N2ASpec):
+    max_steps: int = Field(2000, ge=1)
+    """Optimizer steps to train for."""
+    batch_size: int = Field(32, ge=1)
+    """Global batch size (summed over processes and gradient-accumulation micro-steps)."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-steps per optimizer step; the per-step micro-batch is batch_size / (world * grad_accum)."""
+    lr: float = Field(2e-4, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    """Linear learning-rate warm-up from 0 to lr."""
+    lr_decay: Literal["constant", "cosine", "linear"] = "cosine"
+    """Decay after warm-up, down to 10% of lr at max_steps."""
+    grad_clip: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value (None: off)."""
+    precision: Precision = "auto"
+    """Autocast dtype; auto picks bf16 where the device supports it fast, else fp32."""
+    num_workers: int = Field(0, ge=0)
+    """DataLoader worker processes."""
+    log_every: int = Field(10, ge=1)
+    sample_every: int = Field(500, ge=1)
+    """Save an image grid every N steps (and at the end)."""
+    checkpoint_every: int = Field(500, ge=1)
+    keep_last: int = Field(2, ge=1)
+    """Checkpoints kept on disk; older ones are deleted after a new one is safely written."""
+
+    @model_validator(mode="after")
+    def _batch_divides(self):
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        return self
+
+
+class AutoencoderTrainingSpec(OptimSpec):
+    lr: float = Field(4.5e-6 * 8, gt=0)
+    disc_lr: float | None = Field(None, gt=0)
+    """Discriminator learning rate (None: same as lr)."""
+    warmup_steps: int = Field(0, ge=0)
+    lr_decay: Literal["constant", "cosine", "linear"] = "constant"
+    batch_size: int = Field(16, ge=1)
+
+
+class DiffusionTrainingSpec(OptimSpec):
+    weight_decay: float = Field(0.01, ge=0)
+    p_uncond: float = Field(0.1, ge=0, le=1)
+    """Per-sample probability that the condition is replaced by the learned null token."""
+    min_snr_gamma: float | None = Field(None, gt=0)
+    """Min-SNR-gamma loss weighting (Hang et al. 2023); None: the plain DDPM loss."""
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_warmup: int = Field(100, ge=0)
+    """Steps over which the EMA decay ramps up (early weights are forgotten quickly)."""
+    val_every: int = Field(500, ge=1)
+    val_batches: int = Field(4, ge=1)
+    latent_cache: bool = True
+    """Encode the dataset once with the frozen autoencoder and train from the cache."""
+    compile: bool = False
+    """torch.compile the denoiser."""
+    sample_steps: int = Field(50, ge=1)
+    """Sampler steps for the periodic sample grid."""
+
+
+class RunSpecBase(N2ASpec):
+    """The run spec. Component fields are added per registry by `run_spec_model`."""
+
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] | str = "auto"
+    """'auto' picks CUDA when available."""
+    autoencoder_training: AutoencoderTrainingSpec = Field(default_factory=AutoencoderTrainingSpec)
+    training: DiffusionTrainingSpec = Field(default_factory=DiffusionTrainingSpec)
+
+    def component(self, kind: str) -> ComponentSpec | None:
+        return getattr(self, kind)
+
+    def digest(self, *fields: str) -> str:
+        """A short stable hash of the given fields (all when none), for cache keys and checks."""
+        data = self.model_dump(mode="json", include=set(fields) if fields else None)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@functools.cache
+def _run_spec_model(registry) -> type[RunSpecBase]:
+    fields: dict[str, Any] = {}
+    for kind in KINDS.values():
+        if not registry.names(kind.name):
+            fields[kind.name] = (Any, None)
+            continue
+        spec_type = registry.spec_type(kind.name)
+        if kind.default is None or kind.default not in registry.names(kind.name):
+            fields[kind.name] = (spec_type | None, None)
+        else:
+            default = functools.partial(registry.validate_spec, kind.name, kind.default)
+            fields[kind.name] = (spec_type, Field(default_factory=default))
+    return create_model("RunSpec", __base__=RunSpecBase, **fields)
+
+
+def run_spec_model(registry=None) -> type[RunSpecBase]:
+    """The RunSpec class for the installed plugins."""
+    from n2a_core.plugins import get_registry
+
+    return _run_spec_model(registry or get_registry())
+
+
+# -- loading, overrides and errors -----------------------------------------------------
+def read_spec_file(path: str | Path) -> dict[str, Any]:
+    """A spec file (YAML, TOML or JSON, by extension) as a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: spec file not found")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except Exception as exc:  # every parser has its own error type
+        raise SpecError(f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a mapping of spec fields, got {type(data).__name__}")
+    return data
+
+
+def apply_set(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `--set a.b.c=value` override in place; the value is parsed as YAML."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(f"--set {assignment!r}: expected KEY=VALUE, e.g. denoiser.base_channels=128")
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if isinstance(child, str):  # `conditioner: minilm` shorthand
+            child = {"type": child}
+        if child is None:
+            child = {}
+        if not isinstance(child, dict):
+            raise SpecError(f"--set {key}: '{part}' is a value, not a section")
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def choose_plugin(data: dict[str, Any], kind: str, name: str | None) -> None:
+    """Apply `--<kind> NAME`: keep the section's params if the plugin stays the same."""
+    if name is None:
+        return
+    if name in ("none", "null") and KINDS[kind].default is None:
+        data[kind] = None
+        return
+    current = data.get(kind)
+    if isinstance(current, dict) and current.get("type", KINDS[kind].default) == name:
+        return
+    data[kind] = {"type": name}
+
+
+def resolve_run_spec(
+    data: dict[str, Any],
+    *,
+    plugins: dict[str, str | None] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    registry=None,
+) -> RunSpecBase:
+    """Validate a spec dict after `--<kind>` choices and `--set` overrides."""
+    from n2a_core.plugins import get_registry
+
+    registry = registry or get_registry()
+    data = json.loads(json.dumps(data))  # a private deep copy
+    for kind, name in (plugins or {}).items():
+        choose_plugin(data, kind, name)
+    for assignment in overrides:
+        apply_set(data, assignment)
+    for kind in KINDS:  # unknown plugin names first: the clearest error there is
+        section = data.get(kind)
+        if isinstance(section, str):
+            section = data[kind] = {"type": section}
+        if isinstance(section, dict) and "type" in section:
+            try:
+                registry.get(kind, section["type"])
+            except Exception as exc:
+                raise SpecError(f"{kind}.type: {str(exc).split(': ', 1)[1]}") from None
+    model = run_spec_model(registry)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise format_validation_error(e, data=data, registry=registry) from None
+
+
+def load_run_spec(path: str | Path | None = None, **kwargs) -> RunSpecBase:
+    """Read, override and validate a run spec; `path=None` starts from the defaults."""
+    return resolve_run_spec(read_spec_file(path) if path else {}, **kwargs)
+
+
+def _loc_string(loc: tuple, data: Any) -> str:
+    parts: list[str] = []
+    node = data
+    for item in loc:
+        # Pydantic puts the union tag in the location ('schedule', 'cosine', 'foo'); drop it.
+        if isinstance(node, dict) and item == node.get("type") and item not in node:
+            continue
+        parts.append(str(item))
+        node = node.get(item) if isinstance(node, dict) else None
+    return ".".join(parts)
+
+
+def format_validation_error(
+    error: ValidationError, *, data: Any = None, prefix: tuple = (), registry=None
+) -> SpecError:
+    """A SpecError holding one line per problem: `field.path: what is wrong (got X)`."""
+    root = {prefix[0]: data} if prefix else (data if data is not None else {})
+    lines = []
+    for err in error.errors(include_url=False):
+        loc = prefix + tuple(err["loc"])
+        where = _loc_string(loc, root) or "spec"
+        if err["type"] == "extra_forbidden":
+            allowed = _fields_at(loc[:-1], root, registry)
+            lines.append(f"{where}: unknown key{did_you_mean(loc[-1], allowed)}; allowed: {', '.join(allowed)}")
+        elif err["type"] == "union_tag_invalid":
+            ctx = err.get("ctx", {})
+            lines.append(f"{where}: unknown type {ctx.get('tag')!r}; allowed: {ctx.get('expected_tags')}")
+        else:
+            got = err.get("input")
+            got_text = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+            lines.append(f"{where}: {err['msg']}{got_text}")
+    return SpecError("\n".join(lines))
+
+
+def _fields_at(loc: tuple, root: Any, registry=None) -> list[str]:
+    """Field names of the spec model found at `loc` (for 'allowed:' and did-you-mean)."""
+    from n2a_core.plugins import get_registry
+
+    registry = registry or get_registry()
+    cls: Any = run_spec_model(registry)
+    node = root
+    for item in loc:
+        if isinstance(node, dict) and item == node.get("type") and item not in node:
+            continue  # the union tag pydantic inserts
+        node = node.get(item) if isinstance(node, dict) else None
+        if item in KINDS and cls is not None and issubclass(cls, RunSpecBase):
+            name = node.get("type", KINDS[item].default) if isinstance(node, dict) else None
+            cls = registry.components[item].get(name)
+            cls = cls.spec if cls else None
+        elif cls is not None and item in getattr(cls, "model_fields", {}):
+            annotation = cls.model_fields[item].annotation
+            cls = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        else:
+            cls = None
+    return sorted(getattr(cls, "model_fields", {}))
