@@ -244,6 +244,8 @@ def resolve_run_spec(
         section = data.get(kind)
         if isinstance(section, str):
             section = data[kind] = {"type": section}
+        if isinstance(section, dict) and "type" not in section and KINDS[kind].default:
+            section["type"] = KINDS[kind].default
         if isinstance(section, dict) and "type" in section:
             try:
                 registry.get(kind, section["type"])

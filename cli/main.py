@@ -1,0 +1,25 @@
+"""The `n2a` application: command groups assembled in `create_app`."""
+
+from __future__ import annotations
+
+import typer
+
+from cli import data_cmd, plugins_cmd, spec_cmd
+
+
+def create_app() -> typer.Typer:
+    """A fresh Typer app (tests build their own)."""
+    app = typer.Typer(
+        name="n2a",
+        help="Noise2Art: train and sample latent-diffusion image generators on your art collections.",
+        no_args_is_help=True,
+        pretty_exceptions_show_locals=False,
+    )
+    app.command("list-plugins")(plugins_cmd.list_plugins)
+    app.add_typer(spec_cmd.app, name="spec")
+    app.add_typer(data_cmd.app, name="data")
+    return app
+
+
+def main() -> None:
+    create_app()()

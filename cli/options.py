@@ -1,0 +1,54 @@
+"""Options shared by the commands that take a run spec: --config, --set and --<kind>."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from n2a_core.kinds import KINDS
+from n2a_core.specs import RunSpecBase, load_run_spec
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="Run spec file (YAML, TOML or JSON).", show_default=False)
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a spec field: --set denoiser.base_channels=128 (repeatable).",
+                 show_default=False),
+]
+
+
+def plugin_options(command):
+    """Give a command one `--<kind> NAME` option per component kind, passed as **plugins.
+
+    The kinds come from n2a_core.kinds, so a new kind gets its option everywhere at once.
+    """
+    signature = inspect.signature(command, eval_str=True)
+    params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    for kind in KINDS:
+        option = typer.Option(f"--{kind}", help=f"{kind} plugin (see `n2a list-plugins --kind {kind}`).",
+                              show_default=False, rich_help_panel="Plugins")
+        params.append(inspect.Parameter(f"plugin_{kind}", inspect.Parameter.KEYWORD_ONLY,
+                                        default=None, annotation=Annotated[str | None, option]))
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        plugins = {kind: kwargs.pop(f"plugin_{kind}", None) for kind in KINDS}
+        return command(*args, **kwargs, **plugins)
+
+    wrapper.__signature__ = signature.replace(parameters=params)
+    return wrapper
+
+
+def resolve_cli_spec(
+    config: Path | None, overrides: list[str] | None, plugins: dict[str, str | None], preset: str | None = None
+) -> RunSpecBase:
+    """The run spec from (a preset or) a config file, --<kind> choices and --set overrides."""
+    from n2a_core.presets import preset_path
+
+    path = config if config is not None else (preset_path(preset) if preset else None)
+    return load_run_spec(path, plugins=plugins, overrides=overrides or [])

@@ -1,0 +1,45 @@
+"""`n2a spec show|schema`: the resolved run spec and its JSON Schema."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+
+from cli.common import console, user_errors
+from cli.options import ConfigOption, SetOption, plugin_options, resolve_cli_spec
+
+app = typer.Typer(help="Inspect run specs: the resolved values and the JSON Schema.", no_args_is_help=True)
+
+
+@app.command("show")
+@plugin_options
+def show(
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of YAML.")] = False,
+    **plugins: str | None,
+) -> None:
+    """Print the run spec after defaults, the config file and overrides are applied."""
+    with user_errors():
+        spec = resolve_cli_spec(config, overrides, plugins)
+    data = spec.model_dump(mode="json")
+    console.print(json.dumps(data, indent=2) if as_json else yaml.safe_dump(data, sort_keys=False), end="")
+
+
+@app.command("schema")
+def schema(
+    out: Annotated[Path | None, typer.Option(help="Write the schema to this file instead of stdout.")] = None,
+) -> None:
+    """Print the JSON Schema of the run spec for the installed plugins."""
+    from n2a_core.specs import run_spec_model
+
+    with user_errors():
+        text = json.dumps(run_spec_model().model_json_schema(), indent=2)
+    if out:
+        out.write_text(text + "\n")
+    else:
+        typer.echo(text)
