@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import data_cmd, plugins_cmd, spec_cmd
+from cli import data_cmd, plugins_cmd, sample_cmd, spec_cmd, train_cmd
 
 
 def create_app() -> typer.Typer:
@@ -15,6 +15,10 @@ def create_app() -> typer.Typer:
         no_args_is_help=True,
         pretty_exceptions_show_locals=False,
     )
+    app.command("train")(train_cmd.train)
+    app.command("sample")(sample_cmd.sample)
+    app.command("train-autoencoder")(train_cmd.train_autoencoder)
+    app.command("eval-autoencoder")(train_cmd.eval_autoencoder)
     app.command("list-plugins")(plugins_cmd.list_plugins)
     app.add_typer(spec_cmd.app, name="spec")
     app.add_typer(data_cmd.app, name="data")

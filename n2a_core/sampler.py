@@ -1,22 +1,29 @@
-"""The sampler interface and what all samplers share: guidance and per-image noise."""
+"""The sampler interface and what all samplers share: timesteps, guidance, per-image noise."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 
 from n2a_core.denoiser import Denoiser, PredictionType
+from n2a_core.errors import SpecError
 from n2a_core.schedule import NoiseSchedule
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
+StepCallback = Callable[[int, int], None]
+"""callback(done, total): called after each denoiser step, done = 1..total."""
+
+TimestepSpacing = Literal["trailing", "leading", "linspace"]
+"""How `steps` timesteps are picked from the schedule's T (see `spaced_timesteps`)."""
 
 
 class Sampler(ABC):
     """Turns Gaussian noise into latents with a denoiser and a schedule.
 
-    sample(denoiser, schedule, shape, cond, guidance, steps, generator):
+    sample(denoiser, schedule, shape, cond, guidance, steps, generator, callback):
       shape:     B x C x h x w of the latents to produce;
       cond:      B x D / B x L x D condition embeddings, or None (unconditional);
       guidance:  classifier-free guidance weight w (paper form):
@@ -24,7 +31,9 @@ class Sampler(ABC):
                  Other tools' "guidance scale" s equals 1 + w;
       steps:     number of denoiser evaluations (None: the sampler's default);
       generator: one torch.Generator per image (so an image depends only on its own seed,
-                 not on the batch), or one for the whole batch, or None.
+                 not on the batch), or one for the whole batch, or None. Generators on the
+                 sampling device keep the loop free of host-device copies;
+      callback:  optional `callback(done, total)` after every step (progress bars).
     Returns B x C x h x w latents (float32).
     """
 
@@ -40,16 +49,52 @@ class Sampler(ABC):
         guidance: float = 0.0,
         steps: int | None = None,
         generator: Generators = None,
+        callback: StepCallback | None = None,
     ) -> torch.Tensor: ...
 
 
+def spaced_timesteps(
+    num_timesteps: int, steps: int, spacing: TimestepSpacing = "trailing", device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """`steps` distinct integer timesteps of [0, T), descending (noisiest first), on `device`.
+
+    trailing: t_i = round(T - i T / S) - 1 (Lin et al. 2024, "Common Diffusion Noise Schedules
+              and Sample Steps are Flawed", table 2): always starts at T-1, where z_T ~ N(0, I)
+              really is the marginal; the last step is at about T/S - 1.
+    leading:  t_i = i * (T // S), reversed (DDIM's and Stable Diffusion's choice): ends at 0 but
+              starts at (S-1) * (T // S), short of T-1 for few steps.
+    linspace: round(linspace(0, T-1, S)), reversed: both ends.
+    All three give T-1, ..., 0 when S = T.
+    """
+    if not 1 <= steps <= num_timesteps:
+        raise SpecError(f"sampler.steps: {steps} is outside 1..{num_timesteps} (the schedule's T); pick a value in that range")
+    i = torch.arange(steps, device=device, dtype=torch.float64)
+    if spacing == "trailing":
+        t = (num_timesteps - i * (num_timesteps / steps)).round() - 1
+    elif spacing == "leading":
+        t = (i * (num_timesteps // steps)).flip(0)
+    elif spacing == "linspace":
+        t = torch.linspace(0, num_timesteps - 1, steps, device=device, dtype=torch.float64).round().flip(0)
+    else:
+        raise SpecError(f"sampler.timestep_spacing: unknown {spacing!r}; use trailing, leading or linspace")
+    return t.long()
+
+
 def randn(shape: Sequence[int], generator: Generators, device: torch.device | str) -> torch.Tensor:
-    """Standard normal noise where image i is drawn from generator[i] alone."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn(tuple(shape), generator=generator, device=device)
+    """Standard normal noise where image i is drawn from generator[i] alone.
+
+    Each draw happens on its generator's device, so CPU generators give the same images on
+    every device (at the price of a copy per call when sampling on a GPU).
+    """
+    if generator is None:
+        return torch.randn(tuple(shape), device=device)
+    if isinstance(generator, torch.Generator):
+        return torch.randn(tuple(shape), generator=generator, device=generator.device).to(device)
     if len(generator) != shape[0]:
         raise ValueError(f"{len(generator)} generators for a batch of {shape[0]} images")
-    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device) for g in generator])
+    return torch.stack(
+        [torch.randn(tuple(shape[1:]), generator=g, device=g.device) for g in generator]
+    ).to(device)
 
 
 def generators_for_seeds(seeds: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
@@ -67,7 +112,7 @@ def guided_prediction(
     if cond is None or guidance == 0:
         return denoiser(z_t, t, cond)
     b = z_t.shape[0]
-    drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(z_t.device)
+    drop = torch.arange(2 * b, device=z_t.device) >= b  # made on the device: no copy per step
     both = denoiser(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([cond, cond]), drop)
     conditional, unconditional = both[:b], both[b:]
     return (1 + guidance) * conditional - guidance * unconditional

@@ -111,8 +111,8 @@ class DiffusionTrainingSpec(OptimSpec):
     min_snr_gamma: float | None = Field(None, gt=0)
     """Min-SNR-gamma loss weighting (Hang et al. 2023); None: the plain DDPM loss."""
     ema_decay: float = Field(0.999, ge=0, lt=1)
-    ema_warmup: int = Field(100, ge=0)
-    """Steps over which the EMA decay ramps up (early weights are forgotten quickly)."""
+    ema_warmup: int = Field(10, ge=0)
+    """EMA decay at step k is min(ema_decay, k / (k + ema_warmup)): early weights fade fast."""
     val_every: int = Field(500, ge=1)
     val_batches: int = Field(4, ge=1)
     latent_cache: bool = True
@@ -129,6 +129,9 @@ class RunSpecBase(N2ASpec):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] | str = "auto"
     """'auto' picks CUDA when available."""
+    autoencoder_weights: str | None = None
+    """A trained autoencoder: a run folder or a weights.safetensors file (None: stage 1
+    trains in this run). Its spec must match the `autoencoder` section."""
     autoencoder_training: AutoencoderTrainingSpec = Field(default_factory=AutoencoderTrainingSpec)
     training: DiffusionTrainingSpec = Field(default_factory=DiffusionTrainingSpec)
 
@@ -136,9 +139,23 @@ class RunSpecBase(N2ASpec):
         return getattr(self, kind)
 
     def digest(self, *fields: str) -> str:
-        """A short stable hash of the given fields (all when none), for cache keys and checks."""
-        data = self.model_dump(mode="json", include=set(fields) if fields else None)
+        """A short stable hash of the given fields (all when none), for cache keys and
+        checkpoint checks. Operational fields (step counts, logging cadence) are left out,
+        so a run can be resumed for longer or logged differently."""
+        data = _without(self.model_dump(mode="json", include=set(fields) if fields else None), OPERATIONAL_FIELDS)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+OPERATIONAL_FIELDS = frozenset({
+    "max_steps", "log_every", "sample_every", "checkpoint_every", "keep_last", "num_workers",
+    "val_every", "val_batches", "sample_steps", "device",
+})
+
+
+def _without(data: Any, keys: frozenset[str]) -> Any:
+    if isinstance(data, dict):
+        return {k: _without(v, keys) for k, v in data.items() if k not in keys}
+    return data
 
 
 @functools.cache

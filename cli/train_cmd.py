@@ -1,0 +1,138 @@
+"""`n2a train`, `n2a train-autoencoder`, `n2a eval-autoencoder`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from cli.common import console, user_errors
+from cli.options import ConfigOption, SetOption, plugin_options, resolve_cli_spec
+from n2a_core.presets import preset_names
+
+OutOption = Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (default: runs/<preset>-<time>).",
+                                                 show_default=False)]
+MaxStepsOption = Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.", min=1,
+                                                    show_default=False)]
+ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue the run in --out (default: newest under runs/).")]
+PresetOption = Annotated[str, typer.Option(help=f"Starting spec when no --config is given: {', '.join(preset_names())}.")]
+
+
+def _spec_with_autoencoder_run(config, overrides, plugins, preset):
+    """`--autoencoder RUN` names a trained run: take its autoencoder spec and weights."""
+    from n2a_core.pipeline import RunDir
+
+    choice = plugins.get("autoencoder")
+    if choice and Path(choice).exists():
+        run = RunDir(choice)
+        section = run.read_spec_data().get("autoencoder")
+        plugins = {**plugins, "autoencoder": None}
+        overrides = [f"autoencoder={json.dumps(section)}", f"autoencoder_weights={choice}", *(overrides or [])]
+    return resolve_cli_spec(config, overrides, plugins, preset=None if config else preset)
+
+
+def _out_dir(out: Path | None, resume: bool, preset: str, config: Path | None) -> Path:
+    from n2a_core.pipeline import newest_run
+
+    if out is not None:
+        return out
+    if resume:
+        return newest_run()
+    stem = config.stem if config else preset
+    return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@plugin_options
+def train(
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    out: OutOption = None,
+    max_steps: MaxStepsOption = None,
+    resume: ResumeOption = False,
+    preset: PresetOption = "quickstart",
+    **plugins: str | None,
+) -> None:
+    """Train a latent-diffusion model: stage 1 (autoencoder) if needed, then stage 2.
+
+    With no options this runs the quickstart on the embedded OpenMoji art set (CPU, ~20 min).
+    --autoencoder takes a plugin name or a trained run folder.
+    """
+    from n2a_core.train import train_run
+
+    with user_errors():
+        out_dir = _out_dir(out, resume, preset, config)
+        if resume and config is None and (out_dir / "spec.yaml").is_file():
+            config = out_dir / "spec.yaml"
+        spec = _spec_with_autoencoder_run(config, overrides, plugins, preset)
+        console.print(f"run folder: [bold]{out_dir}[/bold]")
+        started = time.perf_counter()
+        session = train_run(spec, out_dir, resume=resume, max_steps=max_steps)
+        _final_samples(session)
+    console.print(f"done in {time.perf_counter() - started:.0f} s: {out_dir}")
+
+
+def _final_samples(session) -> None:
+    """A grid for a handful of conditions at the end of training (quickstart's payoff)."""
+    from n2a_core.generate import generate, load_run, write_samples
+    from n2a_core.train import preview_conditions
+
+    loaded = load_run(session.run.root, device=str(session.device))
+    conditions = preview_conditions(session.splits.val if len(session.splits.val) else session.splits.train,
+                                    loaded.conditioner, n=8)
+    seeds = list(range(len(conditions)))
+    guidance = 3.0 if loaded.conditioner is not None else 0.0
+    images = generate(loaded, conditions, seeds, guidance=guidance)
+    records = [{"index": i, "seed": s, "condition": c, "guidance": guidance, "step": loaded.step,
+                "sampler": loaded.spec.sampler.type if loaded.spec.sampler else None,
+                "spec_digest": loaded.spec.digest()} for i, (s, c) in enumerate(zip(seeds, conditions, strict=True))]
+    grid = write_samples(images, records, session.run.samples / "final")
+    console.print(f"samples: [bold]{grid}[/bold]")
+
+
+@plugin_options
+def train_autoencoder(
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    out: OutOption = None,
+    max_steps: MaxStepsOption = None,
+    resume: ResumeOption = False,
+    preset: PresetOption = "quickstart",
+    **plugins: str | None,
+) -> None:
+    """Train only stage 1 (the autoencoder) and export its weights for `n2a train --autoencoder RUN`."""
+    from n2a_core.train import prepare_run, train_autoencoder_stage
+
+    with user_errors():
+        out_dir = _out_dir(out, resume, preset, config)
+        if resume and config is None and (out_dir / "spec.yaml").is_file():
+            config = out_dir / "spec.yaml"
+        spec = resolve_cli_spec(config, overrides, plugins, preset=None if config else preset)
+        console.print(f"run folder: [bold]{out_dir}[/bold]")
+        session = prepare_run(spec, out_dir, resume=resume)
+        train_autoencoder_stage(session, max_steps)
+
+
+def eval_autoencoder(
+    run: Annotated[Path, typer.Argument(help="A run folder with a trained autoencoder.")],
+    overrides: SetOption = None,
+    data: Annotated[str | None, typer.Option("--data", help="Evaluate on another data plugin.")] = None,
+    batches: Annotated[int | None, typer.Option(help="Evaluate at most this many batches.", min=1)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print only the JSON.")] = False,
+) -> None:
+    """PSNR, SSIM, L1, codebook usage and perplexity on the validation split."""
+    from n2a_core.evaluate import evaluate_autoencoder
+
+    with user_errors():
+        metrics = evaluate_autoencoder(run, data=data, overrides=overrides or [], max_batches=batches)
+    if not as_json:
+        table = Table(title=f"autoencoder of {run}")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for k, v in metrics.items():
+            table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+        console.print(table)
+    typer.echo(json.dumps(metrics))

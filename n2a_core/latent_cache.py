@@ -1,0 +1,96 @@
+"""Encode a dataset once with the frozen autoencoder and train stage 2 from the result.
+
+The cache file is keyed by a hash of the autoencoder's weights and the data spec
+(transform, split, source), so retraining the autoencoder or changing `image_size`
+builds a new cache instead of silently reusing a stale one. With random flips on, both
+orientations are encoded, and each read picks one at random, as on-the-fly training would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset
+
+from n2a_core.autoencoder import Autoencoder
+
+
+def weights_digest(module: torch.nn.Module, skip: list[str] = ()) -> str:
+    """sha256 over the module's tensors (names, shapes, bytes), ignoring sub-modules in `skip`."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        if any(name.startswith(prefix + ".") for prefix in skip):
+            continue
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                 if tensor.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def cache_key(autoencoder: Autoencoder, data_spec: dict, split: str) -> str:
+    data = json.dumps(data_spec, sort_keys=True)
+    weights = weights_digest(autoencoder, autoencoder.inference_modules())
+    return hashlib.sha256(f"{weights}|{data}|{split}".encode()).hexdigest()[:16]
+
+
+class LatentDataset(Dataset):
+    """Cached latents with their labels and captions; items look like image items with
+    a `latent` instead of an `image`."""
+
+    def __init__(self, latents: torch.Tensor, flipped: torch.Tensor | None, meta: dict):
+        self.latents, self.flipped = latents, flipped
+        self.labels, self.captions, self.keys = meta["label"], meta["caption"], meta["key"]
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, i: int) -> dict:
+        latent = self.latents[i]
+        if self.flipped is not None and bool(torch.rand(()) < 0.5):
+            latent = self.flipped[i]
+        return {"latent": latent, "label": self.labels[i], "caption": self.captions[i], "key": self.keys[i]}
+
+
+@torch.no_grad()
+def encode_dataset(autoencoder: Autoencoder, dataset: Dataset, collate, device: torch.device,
+                   batch_size: int = 64, flip: bool = False, progress=None) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """Latents of every readable image of `dataset` (in order), plus metadata lists."""
+    autoencoder.eval()
+    latents, flipped, meta = [], [], {"label": [], "caption": [], "key": []}
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    for i, batch in enumerate(loader):
+        images = batch["image"].to(device)
+        latents.append(autoencoder.encode(images).float().cpu())
+        if flip:
+            flipped.append(autoencoder.encode(images.flip(-1)).float().cpu())
+        for k in meta:
+            meta[k].extend(batch[k])
+        if progress:
+            progress(i + 1, len(loader))
+    return torch.cat(latents), (torch.cat(flipped) if flip else None), meta
+
+
+def load_or_build(path_dir: Path, key: str, build) -> LatentDataset:
+    """The cached LatentDataset for `key`, building and saving it with `build()` if absent."""
+    path_dir.mkdir(parents=True, exist_ok=True)
+    tensors_path, meta_path = path_dir / f"latents-{key}.safetensors", path_dir / f"latents-{key}.json"
+    if tensors_path.is_file() and meta_path.is_file():
+        tensors = load_file(str(tensors_path))
+        return LatentDataset(tensors["latents"], tensors.get("flipped"), json.loads(meta_path.read_text()))
+    latents, flipped, meta = build()
+    tensors = {"latents": latents.contiguous()}
+    if flipped is not None:
+        tensors["flipped"] = flipped.contiguous()
+    tmp = tensors_path.with_name(tensors_path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    meta_tmp = meta_path.with_name(meta_path.name + ".tmp")
+    meta_tmp.write_text(json.dumps(meta))
+    os.replace(meta_tmp, meta_path)
+    os.replace(tmp, tensors_path)  # the tensors last: their presence marks a complete cache
+    return LatentDataset(latents, flipped, meta)
