@@ -28,7 +28,7 @@ def weights_digest(module: torch.nn.Module, skip: list[str] = ()) -> str:
             continue
         h.update(name.encode())
         h.update(str(tuple(tensor.shape)).encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
                  if tensor.numel() else b"")
     return h.hexdigest()[:16]
 

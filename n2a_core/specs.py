@@ -96,7 +96,7 @@ class OptimSpec(N2ASpec):
 
 
 class AutoencoderTrainingSpec(OptimSpec):
-    lr: float = Field(4.5e-6 * 8, gt=0)
+    lr: float = Field(1e-4, gt=0)
     disc_lr: float | None = Field(None, gt=0)
     """Discriminator learning rate (None: same as lr)."""
     warmup_steps: int = Field(0, ge=0)
