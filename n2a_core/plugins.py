@@ -19,6 +19,7 @@ import importlib.metadata
 import inspect
 import os
 import sys
+import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Union
@@ -88,7 +89,8 @@ class Registry:
         if not (isinstance(spec, type) and issubclass(spec, ComponentSpec)):
             raise PluginError(f"plugin '{source.name}': {kind} '{name}' spec must subclass n2a_core.ComponentSpec")
         tag = spec.model_fields["type"].default
-        if tag != name:
+        annotation = spec.model_fields["type"].annotation
+        if tag != name or typing.get_origin(annotation) is not typing.Literal or typing.get_args(annotation) != (name,):
             raise PluginError(
                 f"plugin '{source.name}': {kind} '{name}' has spec {spec.__name__} whose "
                 f"type defaults to {tag!r}; declare `type: Literal[{name!r}] = {name!r}`"
@@ -198,9 +200,7 @@ def load_plugins(
     registry = Registry()
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
-    if os.environ.get("N2A_TRACE_PLUGINS"):
-        pm.trace.root.setwriter(lambda msg: print(msg, end="", file=sys.stderr))
-        pm.enable_tracing()
+    tracing = bool(os.environ.get("N2A_TRACE_PLUGINS"))
 
     candidates: list[tuple[Callable[[], object], PluginSource]] = []
     if entry_points:
@@ -208,6 +208,13 @@ def load_plugins(
     candidates += [(lambda obj=obj: obj, source) for obj, source in extra]
 
     for load, source in candidates:
+        if source.name in registry.plugins:
+            first = registry.plugins[source.name].source
+            registry.plugins[f"{source.name} ({source.package})"] = PluginStatus(
+                source, "error",
+                f"PluginError: plugin name '{source.name}' is already used by package '{first.package}'; "
+                "rename the entry point")
+            continue
         status = registry.plugins.setdefault(source.name, PluginStatus(source))
         try:
             pm.register(load(), name=source.name)
@@ -224,6 +231,8 @@ def load_plugins(
             if status.status == "error":
                 continue
             register = functools.partial(registry.register, kind.name, source=status.source)
+            if tracing:
+                print(f"n2a: calling {impl.plugin_name}.{kind.hook}(register)", file=sys.stderr)
             try:
                 impl.function(register=register)
             except Exception as exc:

@@ -81,8 +81,10 @@ class NoiseSchedule:
     # -- the forward process ---------------------------------------------------------------
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """z_t = sqrt(alpha_bar_t) z0 + sqrt(1 - alpha_bar_t) noise, t of shape (B,)."""
-        a = self.alpha_bar(t.to(z0.device)).to(z0.dtype).view(-1, *([1] * (z0.ndim - 1)))
-        return a.sqrt() * z0 + (1 - a).sqrt() * noise
+        # The coefficients are computed in float64 and cast last: in bf16 alpha_bar near 1
+        # would round to 1 and the noise coefficient to 0.
+        a = self.alpha_bar(t.to(z0.device)).view(-1, *([1] * (z0.ndim - 1)))
+        return a.sqrt().to(z0.dtype) * z0 + (1 - a).sqrt().to(z0.dtype) * noise
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(T={self.num_timesteps}, alpha_bar[0]={self.alphas_cumprod[0]:.6f}, "
