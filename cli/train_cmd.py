@@ -78,11 +78,10 @@ def train(
 def _final_samples(session) -> None:
     """A grid for a handful of conditions at the end of training (quickstart's payoff)."""
     from n2a_core.generate import generate, load_run, write_samples
-    from n2a_core.train import preview_conditions
+    from n2a_core.train import eval_split, preview_conditions
 
     loaded = load_run(session.run.root, device=str(session.device))
-    conditions = preview_conditions(session.splits.val if len(session.splits.val) else session.splits.train,
-                                    loaded.conditioner, n=8)
+    conditions = preview_conditions(eval_split(session.splits), loaded.conditioner, n=8)
     seeds = list(range(len(conditions)))
     guidance = 3.0 if loaded.conditioner is not None else 0.0
     images = generate(loaded, conditions, seeds, guidance=guidance)

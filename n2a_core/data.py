@@ -15,6 +15,7 @@ demand. Everything else is shared here, so every source behaves the same:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import itertools
@@ -31,7 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFile, ImageFont, ImageOps
+from PIL import ExifTags, Image, ImageDraw, ImageFont, ImageOps
 from pydantic import Field
 
 from n2a_core.errors import DataError
@@ -142,10 +143,6 @@ class DataSource(ABC):
         labels = sorted({r.label for r in self.record_list() if r.label})
         return labels or None
 
-    def __getstate__(self) -> dict:
-        # DataLoader workers get a copy: they need the listed records, which are kept.
-        return dict(self.__dict__)
-
 
 def open_image(source: str | os.PathLike | bytes) -> tuple[Image.Image | None, str | None]:
     """Open and fully decode an image file or bytes; (None, reason) when it is unreadable.
@@ -171,15 +168,22 @@ def open_image(source: str | os.PathLike | bytes) -> tuple[Image.Image | None, s
 # -- the transform ---------------------------------------------------------------------
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB with transparency composited on white; greyscale, palette, CMYK, 16-bit -> RGB."""
-    image = ImageOps.exif_transpose(image)  # phone photos store rotation as a tag
-    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
-        # 16-bit and float greyscale: Pillow's convert clips to 0..255, which whitens them.
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        image = ImageOps.exif_transpose(image)  # phone photos store their rotation as a tag
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        # Pillow's convert clips these to 0..255, which turns 16-bit greyscale white.
         a = np.asarray(image, dtype=np.float64)
-        peak = 1.0 if image.mode == "F" and a.max(initial=0) <= 1.0 else (255.0 if a.max(initial=0) <= 255 else 65535.0)
+        if image.mode.startswith("I;16"):
+            peak = 65535.0
+        elif image.mode == "F":
+            peak = 1.0 if a.max(initial=0) <= 1.0 else 255.0
+        else:  # 32-bit "I": 16-bit data unless every value fits in 8 bits
+            peak = 255.0 if a.max(initial=0) <= 255 else 65535.0
         image = Image.fromarray(np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (image.mode in ("RGB", "L") and "transparency" in image.info):
+    transparent = image.mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in image.info
+    if transparent:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -289,6 +293,7 @@ class LabelVocabulary:
 
     def __post_init__(self):
         self.labels = sorted(set(self.labels))
+        self._positions = {label: i for i, label in enumerate(self.labels)}
 
     @classmethod
     def from_labels(cls, labels: Iterable[str | None]) -> LabelVocabulary | None:
@@ -301,13 +306,6 @@ class LabelVocabulary:
             return self._positions[label]
         except KeyError:
             raise DataError(f"label {label!r} is not in the vocabulary; known labels: {self._shown()}") from None
-
-    @property
-    def _positions(self) -> dict[str, int]:
-        positions = self.__dict__.get("_pos")
-        if positions is None or len(positions) != len(self.labels):
-            positions = self.__dict__["_pos"] = {label: i for i, label in enumerate(self.labels)}
-        return positions
 
     def _shown(self, n: int = 20) -> str:
         shown = ", ".join(self.labels[:n])
@@ -337,9 +335,10 @@ class LabelVocabulary:
             if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
                 raise TypeError("labels must be a list of strings")
         except FileNotFoundError:
-            raise DataError(f"{path}: label vocabulary not found; it is written next to the checkpoint at training time") from None
+            raise DataError(f"{path}: label vocabulary not found; training writes it into the run directory") from None
         except (ValueError, KeyError, TypeError) as exc:
-            raise DataError(f"{path}: not a label vocabulary ({type(exc).__name__}: {exc}); expected {{\"labels\": [...]}}") from None
+            raise DataError(f"{path}: not a label vocabulary ({type(exc).__name__}: {exc}); "
+                            'expected {"labels": [...]}') from None
         return cls(labels)
 
 
@@ -379,6 +378,21 @@ class SkipCounter:
         with self._count.get_lock():
             self._count.value = 0
             self._names.value = b""
+
+    def __getstate__(self) -> dict:
+        # Shared memory can only go to a process being started (a DataLoader worker);
+        # any other copy (deepcopy, pickle to disk) gets a private counter with the same state.
+        if multiprocessing.context.get_spawning_popen() is not None:
+            return {"shared": (self._count, self._names)}
+        return {"count": self.count, "names": self.names}
+
+    def __setstate__(self, state: dict) -> None:
+        if "shared" in state:
+            self._count, self._names = state["shared"]
+            return
+        self.__init__()
+        self._count.value = state["count"]
+        self._names.value = "\n".join(state["names"]).encode()[: self._NAME_BYTES - 1]
 
 
 def report_skipped(dataset: Any, what: str | None = None) -> str | None:
@@ -429,6 +443,13 @@ class SampleDataset(torch.utils.data.Dataset):
         flip = self.random_flip and bool(torch.rand(()) < 0.5)
         return _item(self.source, self.records[index], self.image_size, flip, self.skipped)
 
+    def without_flip(self) -> SampleDataset:
+        """The same records without random flips (e.g. for a latent cache that stores both
+        orientations); it shares this dataset's skipped counter."""
+        plain = copy.copy(self)
+        plain.random_flip = False
+        return plain
+
 
 class StreamingSampleDataset(torch.utils.data.IterableDataset):
     """Iterable split of a streamed source, sharded over DataLoader workers.
@@ -444,6 +465,12 @@ class StreamingSampleDataset(torch.utils.data.IterableDataset):
         self.image_size, self.random_flip = spec.image_size, random_flip
         self.start = start
         self.skipped = SkipCounter()
+
+    def without_flip(self) -> StreamingSampleDataset:
+        """The same stream without random flips; it shares this dataset's skipped counter."""
+        plain = copy.copy(self)
+        plain.random_flip = False
+        return plain
 
     def skip(self, n: int) -> StreamingSampleDataset:
         """Start after the first `n` items of this split (returns self)."""

@@ -12,6 +12,7 @@ from n2a_core.errors import DataError
 from n2a_core.pipeline import RunDir, build_pipeline, resolve_device
 from n2a_core.plugins import get_registry
 from n2a_core.specs import BuildContext, resolve_run_spec
+from n2a_core.train import eval_split, has_items
 from n2a_core.train_autoencoder import load_autoencoder_weights, psnr, ssim
 
 
@@ -27,8 +28,8 @@ def evaluate_autoencoder(root: Path, *, data: str | None = None, overrides: list
     model = pipeline.autoencoder.to(device).eval()
     load_autoencoder_weights(model, run.autoencoder_weights)
     splits = make_splits(get_registry().build("data", spec.data, BuildContext(device=device)), spec.data)
-    dataset = splits.val if len(splits.val) else splits.train
-    if len(dataset) == 0:
+    dataset = eval_split(splits)
+    if not has_items(dataset):
         raise DataError(f"{root}: the data has no images to evaluate on")
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_samples)
     totals = {"psnr": 0.0, "ssim": 0.0, "l1": 0.0}

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
 from n2a_core.autoencoder import Autoencoder
+from n2a_core.data import report_skipped
 
 
 def weights_digest(module: torch.nn.Module, skip: list[str] = ()) -> str:
@@ -73,6 +74,7 @@ def encode_dataset(autoencoder: Autoencoder, dataset: Dataset, collate, device: 
             meta[k].extend(batch[k])
         if progress:
             progress(i + 1, len(loader))
+    report_skipped(dataset, "latent cache")
     return torch.cat(latents), (torch.cat(flipped) if flip else None), meta
 
 

@@ -28,6 +28,7 @@ from n2a_core.checkpoint import (
     latest_checkpoint, load_checkpoint, optimizer_from_flat, optimizer_to_flat, rng_state,
     save_checkpoint, set_rng_state,
 )
+from n2a_core.data import report_skipped
 from n2a_core.errors import CheckpointError, DataError
 from n2a_core.specs import OptimSpec
 
@@ -158,7 +159,8 @@ class BatchStream:
                 self.batch_index += 1
                 yield batch
             if self.streamed and self.batch_index == 0:
-                raise ValueError("the streamed training split yielded no batch")
+                raise DataError("the streamed training split yielded no batch; check the data source")
+            report_skipped(self.dataset, f"epoch {self.epoch}")
             self.epoch, self.batch_index = self.epoch + 1, 0
 
 
@@ -314,7 +316,7 @@ class TrainingLoop:
                               "elapsed_s": now - t0})
                     window = now
                 if self.step != max_steps:
-                    periodic = self.stage.periodic(self.step, final=False)
+                    periodic = self.periodic(final=False)
                     if periodic:
                         self.log({"step": self.step, **periodic})
                 if self.step % self.spec.checkpoint_every == 0 and self.step != max_steps:
@@ -324,5 +326,14 @@ class TrainingLoop:
                 self.save()
             raise
         self.save()
-        self.log({"step": self.step, **self.stage.periodic(self.step, final=True)})
+        self.log({"step": self.step, **self.periodic(final=True)})
         return self.step
+
+    def periodic(self, final: bool) -> dict[str, float]:
+        """The stage's evaluation, isolated from the training RNG streams: whether or not a
+        grid is drawn must not change what training does next (exact resume relies on it)."""
+        tensors, meta = rng_state()
+        try:
+            return self.stage.periodic(self.step, final)
+        finally:
+            set_rng_state(tensors, meta)

@@ -67,7 +67,8 @@ def spaced_timesteps(
     All three give T-1, ..., 0 when S = T.
     """
     if not 1 <= steps <= num_timesteps:
-        raise SpecError(f"sampler.steps: {steps} is outside 1..{num_timesteps} (the schedule's T); pick a value in that range")
+        raise SpecError(f"sampler.steps: {steps} is outside 1..{num_timesteps} (the schedule's T); "
+                        "pick a value in that range")
     i = torch.arange(steps, device=device, dtype=torch.float64)
     if spacing == "trailing":
         t = (num_timesteps - i * (num_timesteps / steps)).round() - 1

@@ -85,10 +85,32 @@ def prepare_run(spec: RunSpecBase, out: Path, *, resume: bool, show_progress: bo
     return Session(spec, run, device, pipeline, splits, show_progress)
 
 
+def first_items(dataset, n: int) -> list[dict]:
+    """Up to n readable items from the start of a map-style or streamed dataset."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        source = iter(dataset)
+    else:
+        source = (dataset[i] for i in range(len(dataset)))
+    items = []
+    for item in source:
+        if item is not None:
+            items.append(item)
+        if len(items) == n:
+            break
+    return items
+
+
+def has_items(dataset) -> bool:
+    return isinstance(dataset, torch.utils.data.IterableDataset) or len(dataset) > 0
+
+
+def eval_split(splits):
+    """The validation split, or the training split when validation is empty."""
+    return splits.val if has_items(splits.val) else splits.train
+
+
 def preview_images(dataset, n: int) -> torch.Tensor:
-    items = [dataset[i] for i in range(min(len(dataset), n * 2))]
-    images = [it["image"] for it in items if it is not None][:n]
-    return torch.stack(images)
+    return torch.stack([item["image"] for item in first_items(dataset, n)])
 
 
 def train_autoencoder_stage(s: Session, max_steps: int | None = None) -> None:
@@ -96,7 +118,7 @@ def train_autoencoder_stage(s: Session, max_steps: int | None = None) -> None:
     spec, ae = s.spec, s.pipeline.autoencoder
     tspec = spec.autoencoder_training
     digest = spec.digest(*AUTOENCODER_FIELDS)
-    preview = preview_images(s.splits.val if len(s.splits.val) else s.splits.train, 8)
+    preview = preview_images(eval_split(s.splits), 8)
     stage = AutoencoderStage(ae, tspec, s.device, preview, s.run.autoencoder, save_grid)
     stream = BatchStream(s.splits.train, tspec.batch_size // tspec.grad_accum, spec.seed,
                          collate_samples, tspec.num_workers)
@@ -143,7 +165,7 @@ def latent_datasets(s: Session):
     data_spec = s.spec.data.model_dump(mode="json")
     out = []
     for name, dataset, flip in (("train", s.splits.train, s.spec.data.random_flip), ("val", s.splits.val, False)):
-        if len(dataset) == 0:
+        if not has_items(dataset):
             out.append(dataset)
             continue
         key = cache_key(ae, data_spec, name)
@@ -173,9 +195,9 @@ def train_diffusion_stage(s: Session, max_steps: int | None = None) -> Path:
     model = DiffusionModel(p.denoiser, p.conditioner)
     f = p.autoencoder.downsample_factor
     size = spec.data.image_size
-    preview = preview_conditions(val_data if len(val_data) else train_data, p.conditioner)
+    preview = preview_conditions(val_data if has_items(val_data) else train_data, p.conditioner)
     val_loader = None
-    if len(val_data):
+    if has_items(val_data):
         val_loader = torch.utils.data.DataLoader(val_data, batch_size=tspec.batch_size // tspec.grad_accum,
                                                  shuffle=False, collate_fn=collate_latents)
     stage = DiffusionStage(model, p.autoencoder, p.schedule, p.sampler, tspec, s.device, spec.seed,
@@ -198,11 +220,9 @@ def preview_conditions(dataset, conditioner, n: int = 8) -> list[str]:
     """Distinct conditions from the first records, for the periodic sample grids."""
     if conditioner is None:
         return [""] * n
-    field = conditioner.field
     seen: list[str] = []
-    for i in range(len(dataset)):
-        item = dataset[i]
-        value = item[field] if item is not None else ""
+    for item in first_items(dataset, n * 20):
+        value = item[conditioner.field]
         if value and value not in seen:
             seen.append(value)
         if len(seen) == n:
