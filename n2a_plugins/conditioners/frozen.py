@@ -22,11 +22,20 @@ def hub_offline() -> Iterator[None]:
     """
     import huggingface_hub.constants as hub_constants
 
+    from transformers.utils import logging as hf_logging
+
     saved_env, saved_flag = os.environ.get("HF_HUB_OFFLINE"), hub_constants.HF_HUB_OFFLINE
     os.environ["HF_HUB_OFFLINE"], hub_constants.HF_HUB_OFFLINE = "1", True
+    # A weight-loading progress bar per model load only clutters n2a's own progress bars.
+    bars_were_on, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         yield
     finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
         hub_constants.HF_HUB_OFFLINE = saved_flag
         if saved_env is None:
             os.environ.pop("HF_HUB_OFFLINE", None)
