@@ -24,7 +24,7 @@ def evaluate_autoencoder(root: Path, *, data: str | None = None, overrides: list
     run = RunDir(root)
     spec = resolve_run_spec(run.read_spec_data(), plugins={"data": data}, overrides=list(overrides))
     device = resolve_device(spec.device)
-    pipeline = build_pipeline(spec, vocabulary=run.read_labels(), device=device)
+    pipeline = build_pipeline(spec, vocabulary=run.read_labels(), device=device, training=False)
     model = pipeline.autoencoder.to(device).eval()
     load_autoencoder_weights(model, run.autoencoder_weights)
     splits = make_splits(get_registry().build("data", spec.data, BuildContext(device=device)), spec.data)

@@ -45,7 +45,8 @@ def load_run(root: Path, *, device: str = "auto", ema: bool = True) -> LoadedRun
     run = RunDir(root)
     spec = resolve_run_spec(run.read_spec_data())
     device_ = resolve_device(device if device != "auto" else spec.device)
-    pipeline = build_pipeline(spec, vocabulary=run.read_labels(), device=device_, cache_dir=run.cache)
+    pipeline = build_pipeline(spec, vocabulary=run.read_labels(), device=device_, cache_dir=run.cache,
+                              training=False)
     weights = Path(spec.autoencoder_weights) if spec.autoencoder_weights else run.autoencoder_weights
     weights = RunDir(weights).autoencoder_weights if weights.is_dir() else weights
     load_autoencoder_weights(pipeline.autoencoder, weights)

@@ -52,10 +52,11 @@ def build_pipeline(
     device: torch.device | str = "cpu",
     cache_dir: Path | None = None,
     registry: Registry | None = None,
+    training: bool = True,
 ) -> Pipeline:
     """Build every model component of `spec` and check that they fit together."""
     registry = registry or get_registry()
-    ctx = BuildContext(label_vocabulary=vocabulary, device=device, cache_dir=cache_dir)
+    ctx = BuildContext(label_vocabulary=vocabulary, device=device, cache_dir=cache_dir, training=training)
     autoencoder = registry.build("autoencoder", spec.autoencoder, ctx)
     ctx.latent_channels = autoencoder.latent_channels
     conditioner = registry.build("conditioner", spec.conditioner, ctx) if spec.conditioner else None

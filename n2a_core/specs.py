@@ -48,6 +48,9 @@ class BuildContext:
     label_vocabulary: list[str] | None = None
     """Sorted class labels of the training data (class-label conditioners need it)."""
     device: torch.device | str = "cpu"
+    training: bool = True
+    """False when a component is built only to sample or evaluate: plugins may then skip
+    what only training needs (a perceptual network, a discriminator's weights on disk)."""
     cache_dir: Path | None = None
     """Where a plugin may keep derived files (rendered images, embedding caches)."""
     latent_channels: int | None = None

@@ -1,0 +1,304 @@
+"""VQGAN (Esser et al. 2021, "Taming Transformers for High-Resolution Image Synthesis") as
+n2a's first-stage autoencoder, in the form latent diffusion uses it (Rombach et al. 2022,
+sec. 3: the diffusion model works on the encoder's output, quantization moves into the
+decoder).
+
+Layout: ResNet blocks (GroupNorm, SiLU, 3x3 convs), single-head self-attention at chosen
+levels and in the middle block, stride-2 convolutions down and nearest-neighbour + conv up.
+Level i of `channel_mult` works at resolution H / 2^i with base_channels * channel_mult[i]
+channels; the latent has resolution H / f with f = 2^(len(channel_mult) - 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from n2a_core.autoencoder import Autoencoder, AutoencoderLosses
+from n2a_plugins.vqgan.losses import (
+    PatchDiscriminator,
+    adaptive_weight,
+    discriminator_loss,
+    gan_ramp,
+    generator_loss,
+    group_count,
+    load_lpips,
+)
+from n2a_plugins.vqgan.quantizer import VectorQuantizer
+
+LOG_KEYS = (
+    "rec_loss", "perceptual", "codebook_loss", "commitment", "usage", "perplexity",
+    "g_loss", "d_weight", "disc_loss", "logits_real", "logits_fake", "usage_recent",
+)  # fmt: skip
+
+
+def norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(group_count(channels), channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    """Pre-activation residual block; a 1x1 conv matches channels on the shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the h*w positions, with a residual connection."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        # B x 1 head x HW x C each
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, 1, C, H * W).transpose(-1, -2).unbind(1)
+        h = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _middle(channels: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(ResnetBlock(channels, channels, dropout), AttnBlock(channels),
+                         ResnetBlock(channels, channels, dropout))  # fmt: skip
+
+
+class Encoder(nn.Module):
+    """Image B x 3 x H x W -> continuous latent B x z_channels x H/f x W/f."""
+
+    def __init__(self, base_channels, channel_mult, num_res_blocks, attention_levels, z_channels, dropout):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, base_channels, 3, padding=1)
+        blocks: list[nn.Module] = []
+        c = base_channels
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                blocks.append(ResnetBlock(c, base_channels * mult, dropout))
+                c = base_channels * mult
+                if level in attention_levels:
+                    blocks.append(AttnBlock(c))
+            if level != len(channel_mult) - 1:
+                blocks.append(Downsample(c))
+        self.down = nn.Sequential(*blocks)
+        self.mid = _middle(c, dropout)
+        self.norm_out = norm(c)
+        self.conv_out = nn.Conv2d(c, z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.down(self.conv_in(x)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Codes B x z_channels x h x w -> image B x 3 x h*f x w*f (the encoder mirrored, with
+    one extra ResNet block per level as in the reference implementation)."""
+
+    def __init__(self, base_channels, channel_mult, num_res_blocks, attention_levels, z_channels, dropout):
+        super().__init__()
+        c = base_channels * channel_mult[-1]
+        self.conv_in = nn.Conv2d(z_channels, c, 3, padding=1)
+        self.mid = _middle(c, dropout)
+        blocks: list[nn.Module] = []
+        for level in reversed(range(len(channel_mult))):
+            for _ in range(num_res_blocks + 1):
+                blocks.append(ResnetBlock(c, base_channels * channel_mult[level], dropout))
+                c = base_channels * channel_mult[level]
+                if level in attention_levels:
+                    blocks.append(AttnBlock(c))
+            if level != 0:
+                blocks.append(Upsample(c))
+        self.up = nn.Sequential(*blocks)
+        self.norm_out = norm(c)
+        self.conv_out = nn.Conv2d(c, 3, 3, padding=1)  # GL of VQGAN eq. 7 (adaptive weight)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.up(self.mid(self.conv_in(z)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class VQGAN(Autoencoder):
+    """Encoder -> vector quantizer -> decoder, trained with L1 (+ LPIPS) + L_VQ + a PatchGAN.
+
+    `latent` picks what `encode` hands to stage 2: "continuous" (the encoder output, LDM's
+    choice; `decode` quantizes it first) or "quantized" (the codes themselves). Either way
+    `decode` snaps its input to the codebook, so decode(encode(x)) == reconstruct(x) and
+    the decoder only ever sees codes, as in training.
+
+    The LPIPS network is frozen and kept out of `state_dict()` and `parameters()`: it is
+    rebuilt from its weight files, so checkpoints stay small and load with or without it.
+    """
+
+    def __init__(
+        self,
+        base_channels: int = 64,
+        channel_mult: Sequence[int] = (1, 2, 2),
+        num_res_blocks: int = 1,
+        attention_levels: Sequence[int] = (),
+        z_channels: int = 4,
+        dropout: float = 0.0,
+        codebook_size: int = 512,
+        beta: float = 0.25,
+        l2_normalize_codes: bool = False,
+        dead_code_reseed: bool = True,
+        dead_code_after: int = 100,
+        latent: str = "continuous",
+        l1_weight: float = 1.0,
+        perceptual: str = "none",
+        perceptual_weight: float = 1.0,
+        perceptual_weights: str | None = None,
+        disc_loss: str = "hinge",
+        disc_start: int = 1000,
+        disc_weight: float = 0.8,
+        disc_warmup: int = 200,
+        disc_layers: int = 2,
+        disc_channels: int = 64,
+        disc_norm: str = "group",
+    ):
+        super().__init__()
+        if not channel_mult:
+            raise ValueError("channel_mult must list at least one level, e.g. [1, 2, 2]")
+        bad = [a for a in attention_levels if not 0 <= a < len(channel_mult)]
+        if bad:
+            raise ValueError(f"attention_levels {bad} out of range: levels are 0..{len(channel_mult) - 1}")
+        if latent not in ("continuous", "quantized"):
+            raise ValueError(f"latent must be 'continuous' or 'quantized', got {latent!r}")
+        if perceptual not in ("none", "lpips"):
+            raise ValueError(f"perceptual must be 'none' or 'lpips', got {perceptual!r}")
+        self.latent_channels = z_channels
+        self.downsample_factor = 2 ** (len(channel_mult) - 1)
+        self.latent = latent
+        self.l1_weight, self.perceptual_weight = l1_weight, perceptual_weight
+        self.disc_loss, self.disc_weight = disc_loss, disc_weight
+        self.disc_start, self.disc_warmup = disc_start, disc_warmup
+        args = (base_channels, tuple(channel_mult), num_res_blocks, set(attention_levels), z_channels, dropout)
+        self.encoder = Encoder(*args)
+        self.decoder = Decoder(*args)
+        self.quantizer = VectorQuantizer(
+            codebook_size, z_channels, beta, l2_normalize_codes, dead_code_reseed, dead_code_after
+        )
+        # disc_weight 0 switches the GAN off entirely: no discriminator to build or train.
+        self.discriminator = PatchDiscriminator(3, disc_channels, disc_layers, disc_norm) if disc_weight > 0 else None
+        # Set past nn.Module.__setattr__ so it is no submodule: see the class docstring.
+        object.__setattr__(self, "_lpips", load_lpips(perceptual_weights) if perceptual == "lpips" else None)
+
+    # -- the Autoencoder interface ------------------------------------------------------------
+    def _check_images(self, images: torch.Tensor) -> None:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"VQGAN expects B x 3 x H x W images, got shape {tuple(images.shape)}")
+        self.check_image_size(images.shape[-2], images.shape[-1])
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        self._check_images(images)
+        z = self.encoder(images)
+        if self.latent == "quantized":
+            z, _ = self.quantizer.quantize(z)
+        return z * self.latent_scale
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        z_q, _ = self.quantizer.quantize(latents / self.latent_scale)
+        return self.decoder(z_q)
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """Images -> encoder -> nearest codes -> decoder, without gradients (for PSNR/SSIM)."""
+        self._check_images(images)
+        z_q, _ = self.quantizer.quantize(self.encoder(images))
+        return self.decoder(z_q)
+
+    @torch.no_grad()
+    def codebook_indices(self, images: torch.Tensor) -> torch.Tensor:
+        """B x h x w indices of the codes picked for `images` (usage/perplexity in eval)."""
+        self._check_images(images)
+        return self.quantizer.quantize(self.encoder(images))[1]
+
+    def discriminator_parameters(self) -> list[nn.Parameter]:
+        return list(self.discriminator.parameters()) if self.discriminator is not None else []
+
+    def inference_modules(self) -> list[str]:
+        return ["discriminator"] if self.discriminator is not None else []
+
+    # -- training -----------------------------------------------------------------------------
+    def perceptual_loss(self, images: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+        """Mean LPIPS distance (0 when perceptual is 'none')."""
+        if self._lpips is None:
+            return images.new_zeros(())
+        lpips = self._lpips.to(images.device)  # follows the model across .to(device) lazily
+        return lpips(images.float(), reconstruction.float()).mean()
+
+    def training_losses(self, images: torch.Tensor, step: int) -> AutoencoderLosses:
+        """VQGAN eq. 6 with the adaptive weight of eq. 7:
+
+            loss = L_rec + L_VQ + disc_weight * ramp(step) * lambda * L_GAN
+
+        L_rec = l1_weight * |x - x^| + perceptual_weight * LPIPS(x, x^). From `disc_start`
+        on, the discriminator loss is returned too, computed on detached images so that its
+        backward pass only reaches the discriminator.
+        """
+        self._check_images(images)
+        if self.discriminator is not None and min(images.shape[-2:]) < self.discriminator.min_size():
+            raise ValueError(
+                f"images of {images.shape[-2]}x{images.shape[-1]} are too small for disc_layers="
+                f"{self.discriminator.n_layers} (needs >= {self.discriminator.min_size()}); lower disc_layers"
+            )
+        q = self.quantizer(self.encoder(images))
+        rec = self.decoder(q.z_q)
+        rec_loss = (images - rec).abs().mean()
+        perceptual = self.perceptual_loss(images, rec)
+        nll = self.l1_weight * rec_loss + self.perceptual_weight * perceptual
+        loss = nll + self.quantizer.loss(q)
+
+        zero = images.new_zeros(())
+        g_loss = d_weight = logits_real = logits_fake = zero
+        disc_loss = None
+        if self.discriminator is not None and step >= self.disc_start:
+            logits = self.discriminator(rec)
+            g_loss = generator_loss(self.disc_loss, logits)
+            if torch.is_grad_enabled() and rec.requires_grad:
+                d_weight = adaptive_weight(nll, g_loss, self.decoder.conv_out.weight)
+            # else: no graph (a validation pass), the weight has no gradient to balance
+            d_weight = d_weight * self.disc_weight * gan_ramp(step, self.disc_start, self.disc_warmup)
+            loss = loss + d_weight * g_loss
+            logits_real = self.discriminator(images.detach())
+            logits_fake = self.discriminator(rec.detach())
+            disc_loss = discriminator_loss(self.disc_loss, logits_real, logits_fake)
+
+        values = [
+            rec_loss, perceptual, q.codebook_loss, q.commitment, q.usage, q.perplexity, g_loss, d_weight,
+            disc_loss if disc_loss is not None else zero, logits_real.mean(), logits_fake.mean(),
+            self.quantizer.recent_usage(),
+        ]  # fmt: skip
+        # One device sync for all logs instead of one .item() each.
+        logs = dict(zip(LOG_KEYS, torch.stack([v.detach().float() for v in values]).tolist(), strict=True))
+        return AutoencoderLosses(loss=loss, reconstruction=rec, discriminator_loss=disc_loss, logs=logs)
