@@ -95,6 +95,6 @@ def show(
         console.print(table)
 
     out = out or Path(f"data-{source.name}.png")
-    names = [c or l for c, l in zip(batch["caption"], batch["label"], strict=True)]
+    names = [caption or label for caption, label in zip(batch["caption"], batch["label"], strict=True)]
     make_grid_image(batch["image"], captions=names).save(out)
     console.print(f"contact sheet of {len(batch['key'])} training images: [bold]{out}[/bold]")

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from n2a_core.data import (
-    DataSource, DataSourceSpec, LabelVocabulary, Record, Sample, SampleDataset, StreamingSampleDataset,
+    DataSource, DataSourceSpec, LabelVocabulary, Record, Sample, StreamingSampleDataset,
     collate_samples, image_to_tensor, make_grid_image, make_splits, open_image, report_skipped, split_of,
     tensor_to_image,
 )
