@@ -71,7 +71,8 @@ def train(
         console.print(f"run folder: [bold]{out_dir}[/bold]")
         started = time.perf_counter()
         session = train_run(spec, out_dir, resume=resume, max_steps=max_steps)
-        _final_samples(session)
+        if session.is_main:
+            _final_samples(session)
     console.print(f"done in {time.perf_counter() - started:.0f} s: {out_dir}")
 
 

@@ -6,13 +6,22 @@ stage's own noise generator, torch's global RNG used by dropout, Python and NumP
 or a function of the seed and the data position (the shuffling order of each epoch). On
 CPU a run stopped at step N and resumed reaches the same weights at step M as a run that
 never stopped.
+
+Several processes (n2a_core.distributed): every rank's generator states are saved, so a
+resume on the same number of processes is exact too. The data position is counted in
+samples of the global, seeded order of an epoch, so a run also resumes on a different
+number of processes: it then sees the same samples in the same optimizer steps and reaches
+the same weights up to float rounding of the gradient average, but ranks without a saved
+state draw fresh noise (seeded from the run seed, their rank and the step).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
+import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -20,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
@@ -29,8 +39,11 @@ from n2a_core.checkpoint import (
     save_checkpoint, set_rng_state,
 )
 from n2a_core.data import report_skipped
+from n2a_core.distributed import SINGLE, Dist, peer_failures, rank_seed
 from n2a_core.errors import CheckpointError, DataError
 from n2a_core.specs import OptimSpec
+
+log = logging.getLogger(__name__)
 
 
 # -- learning rate ------------------------------------------------------------------------
@@ -55,6 +68,9 @@ class OptimizerSlot:
     params: list[nn.Parameter]
     lr: float
     grad_clip: float | None = None
+    ddp: bool = False
+    """The gradients are averaged over processes by DistributedDataParallel during backward;
+    otherwise (several processes) the loop averages them before clipping."""
 
 
 def adamw(params: list[nn.Parameter], lr: float, weight_decay: float, betas=(0.9, 0.999),
@@ -88,11 +104,26 @@ class Stage(ABC):
         """Called after every optimizer step (EMA updates live here)."""
 
     def state(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-        """Extra tensors and JSON to checkpoint (EMA, generators)."""
+        """Extra tensors and JSON to checkpoint, as rank 0 holds them (the EMA); generators
+        that differ between processes belong in `rank_state`."""
         return {}, {}
 
     def load_state(self, tensors: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> None:
         """Restore what `state` returned."""
+
+    def rank_state(self) -> dict[str, torch.Tensor]:
+        """Tensors that differ between processes (noise generators); saved for every rank,
+        while `state` is rank 0's alone."""
+        return {}
+
+    def load_rank_state(self, tensors: dict[str, torch.Tensor] | None, seed: int) -> None:
+        """Restore `rank_state`; None when the checkpoint holds none for this rank (it was
+        written by fewer processes): start this rank's streams from `seed` instead."""
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """Where a stage trains through DistributedDataParallel: its `no_sync()`, so that
+        micro-steps before the last of an accumulation keep their gradients local."""
+        return contextlib.nullcontext()
 
     def periodic(self, step: int, final: bool) -> dict[str, float]:
         """Sample grids and validation when due: called after every step and at the end."""
@@ -103,8 +134,14 @@ class Stage(ABC):
 class BatchStream:
     """Endless batches in a seeded order that can restart from a saved position.
 
-    Map-style datasets are shuffled per epoch with a generator seeded by (seed, epoch) and
-    sharded by rank; streamed datasets are read in order and skip what was consumed.
+    `batch_size` is this process's micro-batch. Map-style datasets are shuffled per epoch
+    with a generator seeded by (seed, epoch); streamed datasets are read in order. Rank r of
+    W takes the r-th block of `batch_size` samples in every run of W blocks of that global
+    order. So the first k micro-batches of all ranks together are the first
+    k * batch_size * W samples of the epoch, and the position (epoch, samples consumed)
+    means the same on any number of processes. Within an epoch, W ranks also take the very
+    micro-batches one process takes with W times the accumulation steps (an epoch keeps
+    whole micro-batches, so its cut can differ between the two).
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, collate: Callable | None = None,
@@ -114,24 +151,43 @@ class BatchStream:
         self.rank, self.world_size = rank, world_size
         self.epoch, self.batch_index = 0, 0
         self.streamed = isinstance(dataset, IterableDataset)
+        if self.streamed and world_size > 1 and num_workers:
+            # The stream's own worker sharding would hide the items of other ranks' blocks.
+            log.warning("streamed data on %d processes: num_workers %d ignored, items are read "
+                        "in the training process", world_size, num_workers)
+            self.num_workers = 0
         if not self.streamed and len(dataset) < batch_size * world_size:
             raise DataError(
                 f"the training split has {len(dataset)} samples, fewer than one global batch of "
                 f"{batch_size * world_size}; lower the batch size or add data")
 
     @property
+    def samples(self) -> int:
+        """Samples of the current epoch consumed by all ranks together."""
+        return self.batch_index * self.batch_size * self.world_size
+
+    @property
     def position(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch_index}
+        return {"epoch": self.epoch, "samples": self.samples}
 
     def restore(self, position: dict[str, int]) -> None:
-        self.epoch, self.batch_index = position["epoch"], position["batch"]
+        # "batch" is the per-process batch index of checkpoints written before "samples".
+        samples = position["samples"] if "samples" in position else position["batch"] * self.batch_size
+        per_micro_step = self.batch_size * self.world_size
+        if samples % per_micro_step:
+            raise CheckpointError(
+                f"the checkpoint's data position ({samples} samples into epoch {position['epoch']}) is not a "
+                f"whole number of micro-batches of {per_micro_step} samples; resume with the run's batch_size "
+                "and grad_accum")
+        self.epoch, self.batch_index = position["epoch"], samples // per_micro_step
 
     def epoch_order(self, epoch: int) -> list[int]:
         """This rank's sample indices for `epoch` (whole batches only, same count per rank)."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.dataset), generator=g).tolist()
-        per_rank = len(order) // self.world_size // self.batch_size * self.batch_size
-        return order[self.rank::self.world_size][:per_rank]
+        run = self.batch_size * self.world_size
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        return [i for start in range(0, len(order) // run * run, run) for i in order[start:start + run][mine]]
 
     def _loader(self, indices: list[int] | None) -> DataLoader:
         # Its own generator: a DataLoader otherwise draws worker seeds from the global RNG,
@@ -139,8 +195,11 @@ class BatchStream:
         generator = torch.Generator().manual_seed(self.seed * 7919 + self.epoch * 104729 + self.rank)
         if indices is None:
             dataset = self.dataset
-            if self.batch_index and hasattr(dataset, "skip"):
-                dataset = dataset.skip(self.batch_index * self.batch_size)
+            if hasattr(dataset, "skip"):
+                # Always: skip(0) also undoes the skip of a resumed, earlier epoch.
+                dataset = dataset.skip(self.samples)
+            if self.world_size > 1:
+                dataset = RankBlocks(dataset, self.batch_size, self.rank, self.world_size)
             return DataLoader(dataset, batch_size=self.batch_size, collate_fn=self.collate,
                               num_workers=self.num_workers, generator=generator)
         subset = torch.utils.data.Subset(self.dataset, indices)
@@ -162,6 +221,25 @@ class BatchStream:
                 raise DataError("the streamed training split yielded no batch; check the data source")
             report_skipped(self.dataset, f"epoch {self.epoch}")
             self.epoch, self.batch_index = self.epoch + 1, 0
+
+
+class RankBlocks(IterableDataset):
+    """Rank r's share of a stream: the r-th block of `block` items in every run of
+    `block * world_size` items. A last, incomplete run is dropped on every rank alike, so all
+    ranks take the same number of batches (a collective never waits for a missing one)."""
+
+    def __init__(self, dataset: IterableDataset, block: int, rank: int, world_size: int):
+        self.dataset, self.block, self.rank, self.world_size = dataset, block, rank, world_size
+
+    def __iter__(self) -> Iterator[Any]:
+        run = self.block * self.world_size
+        mine: list[Any] = []
+        for n, item in enumerate(self.dataset):
+            if (n % run) // self.block == self.rank:
+                mine.append(item)
+            if n % run == run - 1:
+                yield from mine
+                mine = []
 
 
 # -- precision -----------------------------------------------------------------------------
@@ -189,37 +267,50 @@ class TrainingLoop:
     """Runs a Stage for `spec.max_steps` optimizer steps with checkpoints under `out_dir`.
 
     Writes ``out_dir/metrics.jsonl`` (one JSON object per logged step) and
-    ``out_dir/checkpoints/step-*/``.
+    ``out_dir/checkpoints/step-*/``. With several processes (`dist`), every rank runs the
+    loop; rank 0 alone logs, evaluates and writes, and the others wait for its checkpoints.
     """
 
     def __init__(self, stage: Stage, spec: OptimSpec, stream: BatchStream, out_dir: Path, *,
                  device: torch.device, spec_digest: str, is_main: bool = True,
-                 progress: Callable[..., Any] | None = None, sync: Callable[[], None] | None = None):
+                 progress: Callable[..., Any] | None = None, sync: Callable[[], None] | None = None,
+                 dist: Dist = SINGLE):
         self.stage, self.spec, self.stream, self.out_dir = stage, spec, stream, Path(out_dir)
-        self.device, self.spec_digest, self.is_main = device, spec_digest, is_main
+        self.device, self.spec_digest = device, spec_digest
+        self.dist = dist
+        self.is_main = is_main and dist.is_main
         self.progress = progress
-        self.sync = sync or (lambda: None)
+        self.sync = sync or dist.barrier
         self.dtype = autocast_dtype(spec.precision, device)
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         self.step = 0
         self.checkpoint_dir = self.out_dir / "checkpoints"
 
     # checkpointing ---------------------------------------------------------------------
-    def save(self) -> Path | None:
-        tensors: dict[str, dict[str, torch.Tensor]] = {
-            f"module.{name}": module.state_dict() for name, module in self.stage.modules().items()
-        }
-        optim_meta = {}
-        for name, slot in self.stage.optimizers().items():
-            tensors[f"optim.{name}"], optim_meta[name] = optimizer_to_flat(slot.optimizer)
+    def rank_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """This process's random streams: global RNGs and the stage's own generators."""
         rng_tensors, rng_meta = rng_state()
-        tensors["rng"] = rng_tensors
-        stage_tensors, stage_meta = self.stage.state()
-        tensors.update({f"stage.{k}": v for k, v in stage_tensors.items()})
-        state = {"spec_digest": self.spec_digest, "stage": self.stage.name, "optimizers": optim_meta,
-                 "rng": rng_meta, "data": self.stream.position, "stage_state": stage_meta}
+        tensors = {f"rng.{k}": v for k, v in rng_tensors.items()}
+        tensors.update({f"stage.{k}": v for k, v in self.stage.rank_state().items()})
+        return tensors, {"rng": rng_meta}
+
+    def save(self) -> Path | None:
+        per_rank = self.dist.all_gather_object(self.rank_state())
         path = None
         if self.is_main:
+            tensors: dict[str, dict[str, torch.Tensor]] = {
+                f"module.{name}": module.state_dict() for name, module in self.stage.modules().items()
+            }
+            optim_meta = {}
+            for name, slot in self.stage.optimizers().items():
+                tensors[f"optim.{name}"], optim_meta[name] = optimizer_to_flat(slot.optimizer)
+            stage_tensors, stage_meta = self.stage.state()
+            tensors.update({f"stage.{k}": v for k, v in stage_tensors.items()})
+            for rank, (rank_tensors, _) in enumerate(per_rank):
+                tensors[f"rank{rank}"] = rank_tensors
+            state = {"spec_digest": self.spec_digest, "stage": self.stage.name, "optimizers": optim_meta,
+                     "world_size": self.dist.world_size, "ranks": [meta for _, meta in per_rank],
+                     "data": self.stream.position, "stage_state": stage_meta}
             path = save_checkpoint(self.checkpoint_dir, self.step, tensors, state, self.spec.keep_last)
         self.sync()
         return path
@@ -227,6 +318,13 @@ class TrainingLoop:
     def resume(self, path: Path | None = None) -> bool:
         """Load the latest (or the given) checkpoint; False when there is none."""
         path = path or latest_checkpoint(self.checkpoint_dir)
+        if self.dist.active:
+            # Rank 0 decides, so that every rank resumes from the same step.
+            chosen = self.dist.broadcast_object(None if path is None else str(path))
+            if chosen is not None and not (Path(chosen) / "state.json").is_file():
+                raise CheckpointError(f"rank {self.dist.rank}: cannot see rank 0's checkpoint {chosen}; the run "
+                                      "folder (--out) must be on a filesystem every node shares")
+            path = None if chosen is None else Path(chosen)
         if path is None:
             return False
         tensors, state = load_checkpoint(path)
@@ -241,10 +339,29 @@ class TrainingLoop:
             optimizer_from_flat(slot.optimizer, tensors.get(f"optim.{name}", {}), state["optimizers"][name])
         self.stage.load_state({k[len("stage."):]: v for k, v in tensors.items() if k.startswith("stage.")},
                               state["stage_state"])
-        set_rng_state(tensors["rng"], state["rng"])
-        self.stream.restore(state["data"])
         self.step = int(state["step"])
+        self._load_rank_state(tensors, state)
+        self.stream.restore(state["data"])
         return True
+
+    def _load_rank_state(self, tensors: dict[str, dict[str, torch.Tensor]], state: dict[str, Any]) -> None:
+        rank = self.dist.rank
+        mine = tensors.get(f"rank{rank}")
+        if mine is not None:
+            set_rng_state({k[len("rng."):]: v for k, v in mine.items() if k.startswith("rng.")},
+                          state["ranks"][rank]["rng"])
+            self.stage.load_rank_state({k[len("stage."):]: v for k, v in mine.items() if k.startswith("stage.")},
+                                       self.stream.seed)
+        elif rank == 0 and "rng" in tensors:
+            # Written before per-rank states: rank 0's generators were part of `state`.
+            set_rng_state(tensors["rng"], state["rng"])
+        else:
+            # The checkpoint came from fewer processes: fresh, seeded streams for this rank.
+            seed = rank_seed(self.stream.seed, rank, self.step)
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            self.stage.load_rank_state(None, seed)
 
     # one optimizer step ------------------------------------------------------------------
     def train_step(self, batches: Iterator[Any]) -> dict[str, float]:
@@ -254,23 +371,30 @@ class TrainingLoop:
                 group["lr"] = slot.lr * lr_factor(self.step, self.spec)
             slot.optimizer.zero_grad(set_to_none=True)
         logs: dict[str, float] = {}
-        for _ in range(self.spec.grad_accum):
+        for micro in range(self.spec.grad_accum):
             batch = next(batches)
-            with autocast(self.device, self.dtype):
-                losses, micro_logs = self.stage.losses(batch, self.step)
-            for name, loss in losses.items():
-                if loss is None:
-                    continue
-                scaled = loss / self.spec.grad_accum
-                if self.scaler is not None:
-                    scaled = self.scaler.scale(scaled)
-                # Each loss reaches only its own optimizer's parameters (a GAN generator
-                # loss must not leave gradients on the discriminator).
-                scaled.backward(inputs=slots[name].params)
-                logs[f"loss/{name}"] = logs.get(f"loss/{name}", 0.0) + float(loss.detach()) / self.spec.grad_accum
+            last = micro == self.spec.grad_accum - 1
+            # DDP averages gradients in the backward of the last micro-step only.
+            with contextlib.nullcontext() if last or not self.dist.active else self.stage.no_sync():
+                with autocast(self.device, self.dtype):
+                    losses, micro_logs = self.stage.losses(batch, self.step)
+                for name, loss in losses.items():
+                    if loss is None:
+                        continue
+                    scaled = loss / self.spec.grad_accum
+                    if self.scaler is not None:
+                        scaled = self.scaler.scale(scaled)
+                    # Each loss reaches only its own optimizer's parameters (a GAN generator
+                    # loss must not leave gradients on the discriminator).
+                    scaled.backward(inputs=slots[name].params)
+                    logs[f"loss/{name}"] = logs.get(f"loss/{name}", 0.0) + float(loss.detach()) / self.spec.grad_accum
             for k, v in micro_logs.items():
                 logs[k] = logs.get(k, 0.0) + v / self.spec.grad_accum
         for name, slot in slots.items():
+            if not slot.ddp:
+                # The mean over ranks before clipping: the clip then sees the gradient of the
+                # whole global batch, as one process would.
+                self.dist.average_gradients(slot.params)
             if all(p.grad is None for p in slot.params):
                 continue
             if self.scaler is not None:
@@ -285,6 +409,9 @@ class TrainingLoop:
             logs[f"lr/{name}"] = slot.optimizer.param_groups[0]["lr"]
         if self.scaler is not None:
             self.scaler.update()
+        if self.dist.active:
+            for module in self.stage.modules().values():
+                self.dist.broadcast_batchnorm_stats(module)
         self.step += 1
         self.stage.after_step(self.step)
         return logs
@@ -299,34 +426,40 @@ class TrainingLoop:
     def run(self, max_steps: int | None = None) -> int:
         """Train until `max_steps` (default spec.max_steps); checkpoint on the way and at the end.
 
-        An interrupt (Ctrl-C) saves a checkpoint before leaving, so no work is lost.
+        An interrupt (Ctrl-C) saves a checkpoint before leaving, so no work is lost; with
+        several processes it does not (they stop at different points, and a checkpoint
+        needs them all), so the last periodic checkpoint stands.
         """
         max_steps = max_steps or self.spec.max_steps
         batches = iter(self.stream)
         start_step, t0, window = self.step, time.perf_counter(), time.perf_counter()
         try:
-            while self.step < max_steps:
-                logs = self.train_step(batches)
-                if self.progress:
-                    self.progress(self.step, max_steps, logs)
-                if self.step % self.spec.log_every == 0 or self.step == max_steps:
-                    now = time.perf_counter()
-                    steps_done = self.spec.log_every if self.step % self.spec.log_every == 0 else 1
-                    self.log({"step": self.step, **logs, "steps_per_s": steps_done / max(now - window, 1e-9),
-                              "elapsed_s": now - t0})
-                    window = now
-                if self.step != max_steps:
-                    periodic = self.periodic(final=False)
-                    if periodic:
-                        self.log({"step": self.step, **periodic})
-                if self.step % self.spec.checkpoint_every == 0 and self.step != max_steps:
-                    self.save()
+            with peer_failures(self.dist):
+                while self.step < max_steps:
+                    logs = self.train_step(batches)
+                    if self.progress and self.is_main:
+                        self.progress(self.step, max_steps, logs)
+                    if self.step % self.spec.log_every == 0 or self.step == max_steps:
+                        logs = self.dist.mean_logs(logs)
+                        now = time.perf_counter()
+                        steps_done = self.spec.log_every if self.step % self.spec.log_every == 0 else 1
+                        self.log({"step": self.step, **logs, "steps_per_s": steps_done / max(now - window, 1e-9),
+                                  "elapsed_s": now - t0})
+                        window = now
+                    if self.step != max_steps and self.is_main:
+                        periodic = self.periodic(final=False)
+                        if periodic:
+                            self.log({"step": self.step, **periodic})
+                    if self.step % self.spec.checkpoint_every == 0 and self.step != max_steps:
+                        self.save()
         except KeyboardInterrupt:
-            if self.step > start_step:
+            if self.step > start_step and not self.dist.active:
                 self.save()
             raise
         self.save()
-        self.log({"step": self.step, **self.periodic(final=True)})
+        if self.is_main:
+            self.log({"step": self.step, **self.periodic(final=True)})
+        self.sync()
         return self.step
 
     def periodic(self, final: bool) -> dict[str, float]:

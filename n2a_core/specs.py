@@ -152,6 +152,8 @@ class RunSpecBase(N2ASpec):
 OPERATIONAL_FIELDS = frozenset({
     "max_steps", "log_every", "sample_every", "checkpoint_every", "keep_last", "num_workers",
     "val_every", "val_batches", "sample_steps", "device",
+    # the global batch is fixed; how it is split (processes x accumulation) may change on resume
+    "grad_accum",
 })
 
 

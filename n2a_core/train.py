@@ -1,5 +1,10 @@
 """`n2a train` end to end: data, stage 1 (unless given a trained autoencoder), latent cache,
-stage 2 — all in one run folder, every step resumable."""
+stage 2 — all in one run folder, every step resumable.
+
+Under torchrun every process runs all of this (see n2a_core.distributed and
+docs/distributed.md): each trains on its share of every global batch, rank 0 writes the
+run folder, and the others wait where they need what it wrote.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +16,14 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from n2a_core import distributed
 from n2a_core.checkpoint import latest_checkpoint
-from n2a_core.data import collate_samples, make_grid_image, make_splits
+from n2a_core.data import collate_samples, make_grid_image, make_splits, report_skipped
+from n2a_core.distributed import SINGLE, Dist, DistributedError, local_batch, rank_seed
 from n2a_core.errors import CheckpointError, SpecError
 from n2a_core.latent_cache import cache_key, encode_dataset, load_or_build
 from n2a_core.loop import BatchStream, TrainingLoop
-from n2a_core.pipeline import Pipeline, RunDir, build_pipeline, resolve_device
+from n2a_core.pipeline import Pipeline, RunDir, build_pipeline
 from n2a_core.plugins import get_registry
 from n2a_core.progress import progress_bar
 from n2a_core.specs import BuildContext, RunSpecBase, resolve_run_spec
@@ -49,11 +56,41 @@ class Session:
     pipeline: Pipeline
     splits: object
     show_progress: bool
+    dist: Dist = SINGLE
+    """This process's place in a multi-process job (SINGLE for one process)."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+
+def describe_batch(s: Session, stage: str, tspec, batch: int) -> None:
+    """One line on rank 0 saying how the global batch is shared (several processes only)."""
+    if s.dist.active and s.is_main:
+        console.print(f"{stage}: global batch {tspec.batch_size} = {s.dist.world_size} processes x {batch} "
+                      f"x grad_accum {tspec.grad_accum} ({distributed.backend_for(s.device)})")
+
+
+def check_batch_sizes(spec: RunSpecBase, world_size: int, stage1: bool = True, stage2: bool = True) -> None:
+    """Refuse, before any work, a global batch the processes and grad_accum cannot share."""
+    if stage1:
+        t = spec.autoencoder_training
+        local_batch(t.batch_size, t.grad_accum, world_size, "autoencoder_training.batch_size")
+    if stage2:
+        local_batch(spec.training.batch_size, spec.training.grad_accum, world_size, "training.batch_size")
 
 
 def prepare_run(spec: RunSpecBase, out: Path, *, resume: bool, show_progress: bool = True) -> Session:
-    """Check the run folder, load data and build the components; nothing trains yet."""
+    """Check the run folder, load data and build the components; nothing trains yet.
+
+    Under torchrun this joins the process group first; every rank makes the same checks
+    (so a refusal stops them all at once), rank 0 writes spec.yaml and labels.json.
+    """
     run = RunDir(out)
+    _, world_size, _ = distributed.launch_env()
+    check_batch_sizes(spec, world_size, stage1=not spec.autoencoder_weights and not stage1_finished(spec, run),
+                      stage2=False)
+    dist, device = distributed.init(spec.device)
     if run.spec_file.is_file():
         if not resume:
             raise SpecError(f"{out}: a run already exists here; pass --resume to continue it or choose another --out")
@@ -63,11 +100,12 @@ def prepare_run(spec: RunSpecBase, out: Path, *, resume: bool, show_progress: bo
                             f"resume with `--config {run.spec_file}` (you may still change step counts)")
     elif resume and out.exists() and any(out.iterdir()):
         raise SpecError(f"{out}: --resume but no spec.yaml in this folder; is it an n2a run?")
-    device = resolve_device(spec.device)
-    seed_everything(spec.seed)
+    dist.barrier()  # every rank has looked before rank 0 writes spec.yaml
+    seed_everything(spec.seed)  # the same on every rank: identical initial weights
     registry = get_registry()
-    source = registry.build("data", spec.data, BuildContext(device=device))
-    splits = make_splits(source, spec.data)
+    with dist.main_first():  # rank 0 fills render and download caches, the others reuse them
+        source = registry.build("data", spec.data, BuildContext(device=device))
+        splits = make_splits(source, spec.data)
     labels = splits.vocabulary.labels if splits.vocabulary is not None else None
     if run.labels_file.is_file():
         labels = run.read_labels()  # the run's vocabulary is fixed at its start
@@ -80,9 +118,16 @@ def prepare_run(spec: RunSpecBase, out: Path, *, resume: bool, show_progress: bo
         pipeline.autoencoder.check_image_size(size, size)
     except ValueError as exc:
         raise SpecError(f"data.image_size: {exc}") from None
-    run.write_spec(spec)
-    run.write_labels(labels)
-    return Session(spec, run, device, pipeline, splits, show_progress)
+    if dist.is_main:
+        run.write_spec(spec)
+        run.write_labels(labels)
+    dist.barrier()
+    if not run.spec_file.is_file():
+        raise DistributedError(f"rank {dist.rank}: cannot see {run.spec_file} that rank 0 wrote; the run folder "
+                               "(--out) must be on a filesystem every node shares")
+    if dist.rank:
+        seed_everything(rank_seed(spec.seed, dist.rank))  # own dropout masks and flips from here on
+    return Session(spec, run, device, pipeline, splits, show_progress and dist.is_main, dist)
 
 
 def first_items(dataset, n: int) -> list[dict]:
@@ -115,23 +160,35 @@ def preview_images(dataset, n: int) -> torch.Tensor:
 
 def train_autoencoder_stage(s: Session, max_steps: int | None = None) -> None:
     """Stage 1, resumed from its last checkpoint when there is one; exports weights."""
-    spec, ae = s.spec, s.pipeline.autoencoder
+    spec, ae, dist = s.spec, s.pipeline.autoencoder, s.dist
     tspec = spec.autoencoder_training
+    batch = local_batch(tspec.batch_size, tspec.grad_accum, dist.world_size, "autoencoder_training.batch_size")
+    describe_batch(s, "stage 1", tspec, batch)
     digest = spec.digest(*AUTOENCODER_FIELDS)
     preview = preview_images(eval_split(s.splits), 8)
     stage = AutoencoderStage(ae, tspec, s.device, preview, s.run.autoencoder, save_grid)
-    stream = BatchStream(s.splits.train, tspec.batch_size // tspec.grad_accum, spec.seed,
-                         collate_samples, tspec.num_workers)
-    loop = TrainingLoop(stage, tspec, stream, s.run.autoencoder, device=s.device, spec_digest=digest)
+    dist.broadcast_module(ae)  # replicas start equal (the loop averages their gradients)
+    stream = BatchStream(s.splits.train, batch, spec.seed, collate_samples, tspec.num_workers,
+                         rank=dist.rank, world_size=dist.world_size)
+    loop = TrainingLoop(stage, tspec, stream, s.run.autoencoder, device=s.device, spec_digest=digest, dist=dist)
     loop.resume()
     target = max_steps or tspec.max_steps
     if loop.step < target:
         with progress_bar("stage 1: autoencoder", target, loop.step, s.show_progress) as bar:
             loop.progress = bar
             loop.run(target)
-    calibration = preview_images(s.splits.train, 64)
-    scale = export_autoencoder(ae, calibration.to(s.device), s.run.autoencoder_weights, digest)
-    console.print(f"stage 1 done: {s.run.autoencoder_weights} (latent scale {scale:.4f})")
+    if dist.is_main:
+        calibration = preview_images(s.splits.train, 64)
+        scale = export_autoencoder(ae, calibration.to(s.device), s.run.autoencoder_weights, digest)
+        console.print(f"stage 1 done: {s.run.autoencoder_weights} (latent scale {scale:.4f})")
+    dist.barrier()
+
+
+def stage1_finished(spec: RunSpecBase, run: RunDir) -> bool:
+    """Has this run's stage 1 reached its max_steps and exported its weights?"""
+    last = latest_checkpoint(run.autoencoder / "checkpoints")
+    finished = last is not None and int(last.name.split("-")[1]) >= spec.autoencoder_training.max_steps
+    return finished and run.autoencoder_weights.is_file()
 
 
 def resolve_autoencoder(s: Session, train_if_missing: bool = True) -> None:
@@ -143,9 +200,7 @@ def resolve_autoencoder(s: Session, train_if_missing: bool = True) -> None:
         path = RunDir(path).autoencoder_weights if path.is_dir() else path
         load_autoencoder_weights(s.pipeline.autoencoder, path)
         return
-    last = latest_checkpoint(s.run.autoencoder / "checkpoints")
-    finished = last is not None and int(last.name.split("-")[1]) >= s.spec.autoencoder_training.max_steps
-    if finished and s.run.autoencoder_weights.is_file():
+    if stage1_finished(s.spec, s.run):
         load_autoencoder_weights(s.pipeline.autoencoder, s.run.autoencoder_weights)
         return
     if not train_if_missing:
@@ -170,14 +225,25 @@ def latent_datasets(s: Session):
             continue
         key = cache_key(ae, data_spec, name)
 
-        def build(dataset=dataset, flip=flip, name=name):
+        # Flips happen inside the cache (both orientations), not in the image loader.
+        unflipped = getattr(dataset, "without_flip", lambda dataset=dataset: dataset)()
+
+        def build(unflipped=unflipped, flip=flip, name=name):
             with progress_bar(f"latent cache ({name})", 1, 0, s.show_progress) as bar:
-                # Flips happen inside the cache (both orientations), not in the image loader.
-                unflipped = getattr(dataset, "without_flip", lambda: dataset)()
                 return encode_dataset(ae, unflipped, collate_samples, s.device, flip=flip,
                                       progress=lambda i, n: bar(i, n))
 
-        out.append(load_or_build(s.run.cache, key, build))
+        def build_part(rank: int, world_size: int, unflipped=unflipped, flip=flip, name=name):
+            n = len(unflipped)
+            share = torch.utils.data.Subset(unflipped, range(n * rank // world_size, n * (rank + 1) // world_size))
+            with progress_bar(f"latent cache ({name}, rank 0's share)", 1, 0, s.show_progress) as bar:
+                built = encode_dataset(ae, share, collate_samples, s.device, flip=flip,
+                                       progress=lambda i, n: bar(i, n))
+            report_skipped(unflipped, f"latent cache, rank {rank}")
+            return built
+
+        sharded = not isinstance(unflipped, torch.utils.data.IterableDataset)
+        out.append(load_or_build(s.run.cache, key, build, s.dist, build_part if sharded else None))
     return tuple(out)
 
 
@@ -189,8 +255,10 @@ def collate_latents(batch: list[dict]) -> dict:
 
 
 def train_diffusion_stage(s: Session, max_steps: int | None = None) -> Path:
-    spec, p = s.spec, s.pipeline
+    spec, p, dist = s.spec, s.pipeline, s.dist
     tspec = spec.training
+    batch = local_batch(tspec.batch_size, tspec.grad_accum, dist.world_size, "training.batch_size")
+    describe_batch(s, "stage 2", tspec, batch)
     train_data, val_data = latent_datasets(s)
     model = DiffusionModel(p.denoiser, p.conditioner)
     f = p.autoencoder.downsample_factor
@@ -202,11 +270,11 @@ def train_diffusion_stage(s: Session, max_steps: int | None = None) -> Path:
                                                  shuffle=False, collate_fn=collate_latents)
     stage = DiffusionStage(model, p.autoencoder, p.schedule, p.sampler, tspec, s.device, spec.seed,
                            s.run.diffusion, (p.autoencoder.latent_channels, size // f, size // f),
-                           val_data=val_loader, preview_conditions=preview, save_grid=save_grid)
-    stream = BatchStream(train_data, tspec.batch_size // tspec.grad_accum, spec.seed, collate_latents,
-                         tspec.num_workers if not tspec.latent_cache else 0)
+                           val_data=val_loader, preview_conditions=preview, save_grid=save_grid, dist=dist)
+    stream = BatchStream(train_data, batch, spec.seed, collate_latents,
+                         tspec.num_workers if not tspec.latent_cache else 0, rank=dist.rank, world_size=dist.world_size)
     loop = TrainingLoop(stage, tspec, stream, s.run.diffusion, device=s.device,
-                        spec_digest=spec.digest(*DIFFUSION_FIELDS))
+                        spec_digest=spec.digest(*DIFFUSION_FIELDS), dist=dist)
     loop.resume()
     target = max_steps or tspec.max_steps
     if loop.step < target:
@@ -232,7 +300,9 @@ def preview_conditions(dataset, conditioner, n: int = 8) -> list[str]:
 
 def train_run(spec: RunSpecBase, out: Path, *, resume: bool = False, max_steps: int | None = None,
               show_progress: bool = True) -> Session:
-    """Train stage 1 (if needed) then stage 2 in `out`."""
+    """Train stage 1 (if needed) then stage 2 in `out` (on every process of a torchrun job)."""
+    _, world_size, _ = distributed.launch_env()
+    check_batch_sizes(spec, world_size, stage1=False)  # stage 1's in prepare_run
     session = prepare_run(spec, Path(out), resume=resume, show_progress=show_progress)
     resolve_autoencoder(session)
     train_diffusion_stage(session, max_steps)

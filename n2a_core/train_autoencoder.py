@@ -4,6 +4,15 @@ The autoencoder's own `training_losses` decides what it optimizes; this stage on
 the generator loss to the autoencoder's optimizer and the discriminator loss to the
 discriminator's, saves reconstruction grids, and finally estimates the latent scale and
 exports `weights.safetensors` for stage 2.
+
+On several processes this stage does not use DistributedDataParallel: the GAN step sends
+each loss to its own optimizer with `backward(inputs=...)`, the adaptive GAN weight takes
+`torch.autograd.grad` of the decoder's last layer, and the discriminator only trains from
+`disc_start` on — all of which DDP's bucketed hooks would need `find_unused_parameters`
+and luck to follow. Instead the loop averages each optimizer's gradients over processes
+(one coalesced all-reduce) after backward and before clipping: the same mean DDP takes,
+for any routing. The adaptive weight itself is computed from each rank's own batch, as
+under DDP in the original VQGAN code.
 """
 
 from __future__ import annotations

@@ -3,10 +3,15 @@
 What is trained and saved together is a `DiffusionModel`: the denoiser plus the
 conditioner when it has trainable parameters (a class-label embedding). Frozen text
 conditioners stay outside: they are reloaded from their own path, never checkpointed.
+
+On several processes the model trains inside DistributedDataParallel (gradients are
+averaged in buckets while backward still runs); each rank draws its own noise from a
+generator seeded by (run seed, rank); rank 0 alone keeps the EMA and evaluates.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 from typing import Any
@@ -18,6 +23,7 @@ from n2a_core.autoencoder import Autoencoder
 from n2a_core.conditioner import Conditioner
 from n2a_core.denoiser import Denoiser
 from n2a_core.diffusion import EMA, diffusion_loss, draw_condition_drop
+from n2a_core.distributed import SINGLE, Dist, find_unused_parameters, rank_seed
 from n2a_core.loop import OptimizerSlot, Stage, adamw
 from n2a_core.sampler import Sampler, generators_for_seeds
 from n2a_core.schedule import NoiseSchedule
@@ -33,6 +39,15 @@ class DiffusionModel(nn.Module):
         self.conditioner = conditioner if conditioner is not None and conditioner.trainable else None
         # A frozen conditioner is used but not registered, so it never enters the state_dict.
         object.__setattr__(self, "frozen_conditioner", conditioner if self.conditioner is None else None)
+
+    @property
+    def prediction_type(self):
+        return self.denoiser.prediction_type
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
+                drop: torch.Tensor | None = None) -> torch.Tensor:
+        """The denoiser's prediction (so that DDP can wrap the whole trainable model)."""
+        return self.denoiser(z_t, t, cond, drop)
 
     @property
     def any_conditioner(self) -> Conditioner | None:
@@ -53,23 +68,51 @@ class DiffusionModel(nn.Module):
         return cond, missing
 
 
+class TrainingForward:
+    """The callable the loss trains through (the denoiser, or the model inside DDP and/or
+    torch.compile) with the denoiser's prediction type, which DDP does not pass through."""
+
+    def __init__(self, forward, prediction_type):
+        self.forward, self.prediction_type = forward, prediction_type
+
+    def __call__(self, *args):
+        return self.forward(*args)
+
+
 class DiffusionStage(Stage):
     name = "diffusion"
 
     def __init__(self, model: DiffusionModel, autoencoder: Autoencoder, schedule: NoiseSchedule,
                  sampler: Sampler | None, spec: DiffusionTrainingSpec, device: torch.device, seed: int,
-                 out_dir: Path, latent_shape: tuple[int, int, int], val_data=None, preview_conditions: list[str] | None = None, save_grid=None):
+                 out_dir: Path, latent_shape: tuple[int, int, int], val_data=None,
+                 preview_conditions: list[str] | None = None, save_grid=None, dist: Dist = SINGLE):
         self.model, self.autoencoder, self.schedule, self.sampler = model, autoencoder, schedule, sampler
         self.spec, self.device, self.out_dir, self.seed = spec, device, Path(out_dir), seed
         self.val_data, self.save_grid = val_data, save_grid
         self.preview_conditions = preview_conditions or [""] * 8
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(rank_seed(seed, dist.rank))
         params = [p for p in model.parameters() if p.requires_grad]
         self._slots = {"model": adamw(params, spec.lr, spec.weight_decay)}
-        self.ema = EMA(model, spec.ema_decay, spec.ema_warmup)
+        self.ema = EMA(model, spec.ema_decay, spec.ema_warmup) if dist.is_main else None
         self.ema_model: DiffusionModel | None = None
-        self.forward_model = torch.compile(model.denoiser) if spec.compile else model.denoiser
+        self.ddp = None
+        forward = model.denoiser
+        if dist.active:
+            # DDP broadcasts rank 0's weights now and averages gradients during backward.
+            # A class embedding is left out of the graph by a batch without labels, so it
+            # needs DDP's search for unused parameters; a text conditioner never does.
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=find_unused_parameters(model.conditioner is not None))
+            self._slots["model"].ddp = True
+            forward = self.ddp
+        if spec.compile:
+            forward = torch.compile(forward)
+        self.forward_model = TrainingForward(forward, model.denoiser.prediction_type)
         self.latent_shape = tuple(latent_shape)
+
+    def no_sync(self):
+        return self.ddp.no_sync() if self.ddp is not None else contextlib.nullcontext()
 
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.model}
@@ -103,14 +146,26 @@ class DiffusionStage(Stage):
         return {"model": loss}, {}
 
     def after_step(self, step: int) -> None:
-        self.ema.update(self.model, step)
+        if self.ema is not None:
+            self.ema.update(self.model, step)
 
     def state(self):
-        return {"ema": self.ema.state_dict(), "generator": {"state": self.generator.get_state()}}, {}
+        return {"ema": self.ema.state_dict()}, {}
 
     def load_state(self, tensors, meta) -> None:
-        self.ema.load_state_dict(tensors["ema"])
-        self.generator.set_state(tensors["generator"]["state"])
+        if self.ema is not None:
+            self.ema.load_state_dict(tensors["ema"])
+        if "generator" in tensors:  # checkpoints from before per-rank generator states
+            self.generator.set_state(tensors["generator"]["state"])
+
+    def rank_state(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def load_rank_state(self, tensors, seed: int) -> None:
+        if tensors is None:
+            self.generator.manual_seed(seed)
+        else:
+            self.generator.set_state(tensors["generator"])
 
     # -- evaluation ------------------------------------------------------------------------
     @torch.no_grad()
