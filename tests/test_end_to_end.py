@@ -122,3 +122,29 @@ def test_class_label_run_samples_labels(tmp_path):
     assert result.exit_code == 0, result.output
     bad = invoke("sample", str(out), "--label", "no-such-label", "--n", "1")
     assert bad.exit_code == 1 and "unknown label" in bad.output
+
+
+def test_eval_autoencoder_reports_metrics(caption_run):
+    result = invoke("eval-autoencoder", str(caption_run), "--json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output.strip().splitlines()[-1])
+    assert metrics["images"] > 0 and metrics["psnr"] > 5
+    assert 0 < metrics["codebook_usage"] <= 1 and 1 <= metrics["perplexity"] <= 32
+    assert -1 <= metrics["ssim"] <= 1 and metrics["l1"] >= 0
+
+
+def test_stage_one_run_feeds_a_stage_two_run(tmp_path):
+    stage1 = tmp_path / "ae"
+    result = invoke("train-autoencoder", "--out", str(stage1), *sets())
+    assert result.exit_code == 0, result.output
+    assert (stage1 / "autoencoder" / "weights.safetensors").is_file()
+    stage2 = tmp_path / "diffusion"
+    result = invoke("train", "--autoencoder", str(stage1), "--conditioner", "none", "--out", str(stage2),
+                    *sets())
+    assert result.exit_code == 0, result.output
+    assert not (stage2 / "autoencoder").exists()  # stage 1 was not trained again
+    assert latest_checkpoint(stage2 / "diffusion" / "checkpoints") is not None
+    result = invoke("sample", str(stage2), "--n", "2", "--steps", "3", "--out", str(tmp_path / "s"))
+    assert result.exit_code == 0, result.output
+    result = invoke("sample", str(stage2), "--prompt", "red apple", "--n", "1")
+    assert result.exit_code == 1 and "without a conditioner" in result.output
