@@ -77,7 +77,8 @@ def adamw(params: list[nn.Parameter], lr: float, weight_decay: float, betas=(0.9
           grad_clip: float | None = None) -> OptimizerSlot:
     """AdamW on `params` (fused/foreach kernels where torch has them for the device)."""
     device_type = params[0].device.type if params else "cpu"
-    kwargs: dict[str, Any] = {"fused": True} if device_type == "cuda" else {"foreach": True}
+    # Fused kernels exist for CPU and CUDA; on the CPU the step took 10 ms instead of 31-35 ms (R64 UNet).
+    kwargs: dict[str, Any] = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, **kwargs)
     return OptimizerSlot(optimizer, params, lr, grad_clip)
 

@@ -120,7 +120,27 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> tor
     """Multi-head softmax(q k^T / sqrt(d)) v (Vaswani et al. eq. 1) of B x N x C queries
     on B x M x C keys/values; B x N x C out. The head split is a view, SDPA does the rest."""
     q, k, v = (x.unflatten(-1, (heads, -1)).transpose(1, 2) for x in (q, k, v))
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+    if q.device.type != "cpu" or (q.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")):
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+    # torch's CPU flash-attention backward is slow in bf16 with few channels per head: at 16
+    # heads of 8 channels on 64 positions, forward + backward took 35 ms in bf16 and 6 ms in
+    # float32 (benchmarks/README.md). So on the CPU the softmax core runs in float32, with
+    # autocast off (it would cast the inputs straight back to bf16).
+    with torch.autocast("cpu", enabled=False):
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    return out.to(q.dtype).transpose(1, 2).flatten(2)
+
+
+def prefers_channels_last(x: torch.Tensor) -> bool:
+    """Whether this UNet runs faster on `x` in channels_last (NHWC) memory layout.
+
+    Measured on the R64 config (benchmarks/README.md): on the CPU in float32, oneDNN's
+    convolutions are 10-30% faster in NHWC at these sizes and the whole net 3-4% faster
+    (forward), while under bf16 autocast NHWC made the training step 30% slower. On CUDA
+    it is unmeasured here, so the caller's layout is kept. The layout (set on the input,
+    followed by every conv) changes no value beyond float rounding.
+    """
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
 
 
 class SelfAttention(nn.Module):
@@ -337,7 +357,8 @@ class UNet(Denoiser):
             emb = emb + self.cond_mlp(pooled.to(emb.dtype))
         emb = F.silu(emb)
 
-        h = self.conv_in(z_t)
+        relayout = prefers_channels_last(z_t) and z_t.is_contiguous()
+        h = self.conv_in(z_t.contiguous(memory_format=torch.channels_last) if relayout else z_t)
         hs = [h]
         for layer in self.down:
             h = layer(h, emb, context)
@@ -345,7 +366,8 @@ class UNet(Denoiser):
         h = self.mid_res(self.mid(h, emb, context), emb)
         for layer in self.up:
             h = layer(torch.cat([h, hs.pop()], dim=1), emb, context)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return out.contiguous() if relayout else out  # the caller gets the layout it gave
 
 
 # -- spec and registration ----------------------------------------------------------------
