@@ -46,6 +46,16 @@ def _out_dir(out: Path | None, resume: bool, preset: str, config: Path | None) -
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def _run_spec_and_folder(config, overrides, plugins, preset, out, resume):
+    """The resolved spec and run folder; --resume without --config reuses the run's spec.yaml."""
+    out_dir = _out_dir(out, resume, preset, config)
+    if resume and config is None and (out_dir / "spec.yaml").is_file():
+        config = out_dir / "spec.yaml"
+    spec = _spec_with_autoencoder_run(config, overrides, plugins, preset)
+    console.print(f"run folder: [bold]{out_dir}[/bold]")
+    return spec, out_dir
+
+
 @plugin_options
 def train(
     config: ConfigOption = None,
@@ -58,17 +68,13 @@ def train(
 ) -> None:
     """Train a latent-diffusion model: stage 1 (autoencoder) if needed, then stage 2.
 
-    With no options this runs the quickstart on the embedded OpenMoji art set (CPU, ~20 min).
+    With no options this runs the quickstart on the embedded OpenMoji art set (CPU, no network).
     --autoencoder takes a plugin name or a trained run folder.
     """
     from n2a_core.train import train_run
 
     with user_errors():
-        out_dir = _out_dir(out, resume, preset, config)
-        if resume and config is None and (out_dir / "spec.yaml").is_file():
-            config = out_dir / "spec.yaml"
-        spec = _spec_with_autoencoder_run(config, overrides, plugins, preset)
-        console.print(f"run folder: [bold]{out_dir}[/bold]")
+        spec, out_dir = _run_spec_and_folder(config, overrides, plugins, preset, out, resume)
         started = time.perf_counter()
         session = train_run(spec, out_dir, resume=resume, max_steps=max_steps)
         if session.is_main:
@@ -107,11 +113,7 @@ def train_autoencoder(
     from n2a_core.train import prepare_run, train_autoencoder_stage
 
     with user_errors():
-        out_dir = _out_dir(out, resume, preset, config)
-        if resume and config is None and (out_dir / "spec.yaml").is_file():
-            config = out_dir / "spec.yaml"
-        spec = resolve_cli_spec(config, overrides, plugins, preset=None if config else preset)
-        console.print(f"run folder: [bold]{out_dir}[/bold]")
+        spec, out_dir = _run_spec_and_folder(config, overrides, plugins, preset, out, resume)
         session = prepare_run(spec, out_dir, resume=resume)
         train_autoencoder_stage(session, max_steps)
 
