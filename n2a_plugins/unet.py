@@ -43,6 +43,7 @@ from torch import nn
 from n2a_core import BuildContext, ComponentSpec, Conditioning, Denoiser, hookimpl
 from n2a_core.denoiser import PredictionType
 from n2a_core.errors import SpecError
+from n2a_core.layout import prefers_channels_last
 
 CondMode = Literal["none", "vector", "sequence"]
 
@@ -129,18 +130,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> tor
     with torch.autocast("cpu", enabled=False):
         out = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     return out.to(q.dtype).transpose(1, 2).flatten(2)
-
-
-def prefers_channels_last(x: torch.Tensor) -> bool:
-    """Whether this UNet runs faster on `x` in channels_last (NHWC) memory layout.
-
-    Measured on the R64 config (benchmarks/README.md): on the CPU in float32, oneDNN's
-    convolutions are 10-30% faster in NHWC at these sizes and the whole net 3-4% faster
-    (forward), while under bf16 autocast NHWC made the training step 30% slower. On CUDA
-    it is unmeasured here, so the caller's layout is kept. The layout (set on the input,
-    followed by every conv) changes no value beyond float rounding.
-    """
-    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
 
 
 class SelfAttention(nn.Module):

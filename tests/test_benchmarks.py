@@ -73,7 +73,7 @@ def tiny_unet(**kw):
 
 
 def test_prefers_channels_last_only_for_float32_cpu_without_autocast():
-    from n2a_plugins.unet import prefers_channels_last
+    from n2a_core.layout import prefers_channels_last
 
     x = torch.randn(2, 4, 8, 8)
     assert prefers_channels_last(x)

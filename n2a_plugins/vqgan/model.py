@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from n2a_core.autoencoder import Autoencoder, AutoencoderLosses
+from n2a_core.layout import preferred_layout
 from n2a_plugins.vqgan.losses import (
     PatchDiscriminator,
     adaptive_weight,
@@ -117,8 +118,8 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(c, z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.down(self.conv_in(x)))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        h = self.mid(self.down(self.conv_in(preferred_layout(x))))
+        return self.conv_out(F.silu(self.norm_out(h))).contiguous()
 
 
 class Decoder(nn.Module):
@@ -144,8 +145,8 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(c, 3, 3, padding=1)  # GL of VQGAN eq. 7 (adaptive weight)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.up(self.mid(self.conv_in(z)))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        h = self.up(self.mid(self.conv_in(preferred_layout(z))))
+        return self.conv_out(F.silu(self.norm_out(h))).contiguous()
 
 
 class VQGAN(Autoencoder):
