@@ -31,7 +31,9 @@ def _spec_with_autoencoder_run(config, overrides, plugins, preset):
         run = RunDir(choice)
         section = run.read_spec_data().get("autoencoder")
         plugins = {**plugins, "autoencoder": None}
-        overrides = [f"autoencoder={json.dumps(section)}", f"autoencoder_weights={choice}", *(overrides or [])]
+        # absolute: the run folder must still find the weights when used from elsewhere
+        overrides = [f"autoencoder={json.dumps(section)}", f"autoencoder_weights={Path(choice).resolve()}",
+                     *(overrides or [])]
     return resolve_cli_spec(config, overrides, plugins, preset=None if config else preset)
 
 

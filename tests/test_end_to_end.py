@@ -133,16 +133,17 @@ def test_eval_autoencoder_reports_metrics(caption_run):
     assert -1 <= metrics["ssim"] <= 1 and metrics["l1"] >= 0
 
 
-def test_stage_one_run_feeds_a_stage_two_run(tmp_path):
+def test_stage_one_run_feeds_a_stage_two_run(tmp_path, monkeypatch):
     stage1 = tmp_path / "ae"
     result = invoke("train-autoencoder", "--out", str(stage1), *sets())
     assert result.exit_code == 0, result.output
     assert (stage1 / "autoencoder" / "weights.safetensors").is_file()
     stage2 = tmp_path / "diffusion"
-    result = invoke("train", "--autoencoder", str(stage1), "--conditioner", "none", "--out", str(stage2),
-                    *sets())
+    monkeypatch.chdir(tmp_path)  # name the stage-1 run relatively, as a user would
+    result = invoke("train", "--autoencoder", "ae", "--conditioner", "none", "--out", str(stage2), *sets())
     assert result.exit_code == 0, result.output
     assert not (stage2 / "autoencoder").exists()  # stage 1 was not trained again
+    monkeypatch.chdir(stage2)  # the run still finds its autoencoder from elsewhere
     assert latest_checkpoint(stage2 / "diffusion" / "checkpoints") is not None
     result = invoke("sample", str(stage2), "--n", "2", "--steps", "3", "--out", str(tmp_path / "s"))
     assert result.exit_code == 0, result.output
