@@ -65,6 +65,26 @@ class _ScheduleSampler(Sampler):
             eps = (z - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
         return eps, x0
 
+    def _chain(self, denoiser, shape, ts, ab, cond, guidance, coef_x0, coef_z, noise_std, noisy_steps,
+               generator, callback):
+        """The loop DDPM and DDIM share: z_prev = coef_x0 z0 + coef_z z_t + noise_std noise.
+
+        Coefficients are device tensors made before the loop; `noisy_steps` (a host int) says
+        how many leading steps draw noise, so the loop never reads a value back."""
+        device = coef_x0.device
+        coef_x0, coef_z, noise_std = coef_x0.float(), coef_z.float(), noise_std.float()
+        t_in, ab = _t_batches(ts, shape[0]), ab.float()
+        z = randn(shape, generator, device)
+        n = len(ts)
+        for i in range(n):
+            _, x0 = self._predict(denoiser, z, t_in[i], cond, guidance, ab[i])
+            z = coef_x0[i] * x0 + coef_z[i] * z
+            if i < noisy_steps:
+                z = z + noise_std[i] * randn(shape, generator, device)
+            if callback is not None:
+                callback(i + 1, n)
+        return z
+
 
 def _device_of(denoiser: torch.nn.Module, cond: torch.Tensor | None) -> torch.device:
     """Where the latents live: the denoiser's device (else the condition's, else the CPU)."""
@@ -106,23 +126,12 @@ class DDPMSampler(_ScheduleSampler):
         beta = 1 - ab / ab_prev
         # 2. The posterior q(z_prev | z_t, z0) = N(c0 z0 + ct z_t, beta_tilde) (DDPM eqs. 6-7);
         #    with z0 from eps this mean is eq. 11's 1/sqrt(alpha_t) (z_t - beta_t/sigma_t eps).
-        c0 = (ab_prev.sqrt() * beta / (1 - ab)).float()
-        ct = ((1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)).float()
-        var = (1 - ab_prev) / (1 - ab) * beta if self.variance == "beta_tilde" else beta.clone()
-        var[-1] = 0  # Algorithm 2: no noise on the last step
-        std = var.sqrt().float()
-        t_in, ab = _t_batches(ts, shape[0]), ab.float()
-
-        z = randn(shape, generator, device)
-        n = len(ts)
-        for i in range(n):
-            _, x0 = self._predict(denoiser, z, t_in[i], cond, guidance, ab[i])
-            z = c0[i] * x0 + ct[i] * z
-            if i < n - 1:
-                z = z + std[i] * randn(shape, generator, device)
-            if callback is not None:
-                callback(i + 1, n)
-        return z
+        c0 = ab_prev.sqrt() * beta / (1 - ab)
+        ct = (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)
+        var = (1 - ab_prev) / (1 - ab) * beta if self.variance == "beta_tilde" else beta
+        # Algorithm 2: no noise on the last step.
+        return self._chain(denoiser, shape, ts, ab, cond, guidance, c0, ct, var.sqrt(), len(ts) - 1,
+                           generator, callback)
 
 
 # -- DDIM ---------------------------------------------------------------------------------
@@ -151,22 +160,16 @@ class DDIMSampler(_ScheduleSampler):
         sigma = self.eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
         # 2. z_prev = sqrt(a_prev) z0 + sqrt(1 - a_prev - sigma^2) eps + sigma noise     (eq. 12)
         #    (1 - a_prev - sigma^2 >= 0 for eta <= 1; clamped so eta > 1 cannot make a NaN)
-        c0 = ab_prev.sqrt().float()
-        ce = (1 - ab_prev - sigma**2).clamp(min=0).sqrt().float()
-        sigma = sigma.float()
-        t_in, ab = _t_batches(ts, shape[0]), ab.float()
-
-        z = randn(shape, generator, device)
-        n = len(ts)
-        for i in range(n):
-            eps, x0 = self._predict(denoiser, z, t_in[i], cond, guidance, ab[i])
-            z = c0[i] * x0 + ce[i] * eps
-            # sigma is 0 on the last step (a_prev = 1), and for eta = 0 no noise is drawn at all.
-            if self.eta > 0 and i < n - 1:
-                z = z + sigma[i] * randn(shape, generator, device)
-            if callback is not None:
-                callback(i + 1, n)
-        return z
+        c0 = ab_prev.sqrt()
+        ce = (1 - ab_prev - sigma**2).clamp(min=0).sqrt()
+        # 3. In the shared posterior form, with eps = (z_t - sqrt(a_t) z0) / sqrt(1 - a_t):
+        #    z_prev = (c0 - ce sqrt(a_t / (1 - a_t))) z0 + ce / sqrt(1 - a_t) z_t + sigma noise.
+        #    sigma is 0 on the last step (a_prev = 1); for eta = 0 no noise is drawn at all.
+        coef_x0 = c0 - ce * (ab / (1 - ab)).sqrt()
+        coef_z = ce / (1 - ab).sqrt()
+        noisy_steps = len(ts) - 1 if self.eta > 0 else 0
+        return self._chain(denoiser, shape, ts, ab, cond, guidance, coef_x0, coef_z, sigma, noisy_steps,
+                           generator, callback)
 
 
 # -- DPM-Solver++(2M) ---------------------------------------------------------------------
