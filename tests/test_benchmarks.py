@@ -16,6 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` liv
 from benchmarks import common
 from benchmarks.common import TINY, Timing, check_matched, interleave, speedup
 
+# diffusers is the baseline of every ratio; it is in the `dev` extra, so CI runs these.
+# The skip only spares a contributor who installed n2a without it.
 needs_diffusers = pytest.mark.skipif(not common.have_diffusers(),
                                      reason="diffusers is not installed (pip install -e '.[bench]')")
 

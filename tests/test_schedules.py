@@ -216,6 +216,7 @@ def test_tables_are_cached_per_device(cosine):
     assert torch.equal(alpha_bar, cosine.alphas_cumprod) and torch.equal(betas, cosine.betas)
 
 
+# CI has no GPU; this runs wherever CUDA is present (the device tables must not leave the GPU).
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_tables_and_add_noise_follow_the_input_device(cosine):
     device = torch.device("cuda")
