@@ -20,6 +20,7 @@ import torch
 from pydantic import Field
 
 from n2a_core import ComponentSpec, Denoiser, NoiseSchedule, Sampler, hookimpl
+from n2a_core.errors import SpecError
 from n2a_core.sampler import (
     Generators,
     StepCallback,
@@ -38,19 +39,33 @@ class _SamplerSpec(ComponentSpec):
     clip_sample: float | None = Field(None, gt=0)
     """Clamp each predicted z0 to [-clip_sample, clip_sample] in latent units (None: off;
     latents are not bounded like pixels)."""
+    min_log_snr: float | None = -5.0
+    """Epsilon-predicting denoisers start the chain no noisier than this log(alpha_bar /
+    (1 - alpha_bar)) (None: at T-1). Their z0 = (z - sqrt(1-a) eps) / sqrt(a) multiplies
+    the eps error by 1/sqrt(SNR): ~20,000x at the cosine schedule's last step (log-SNR
+    -19.8), which turns samples into noise-shaped blobs. z0 is informative once SNR exceeds
+    the eps error (~0.01), hence -5; starting there from N(0, I) ignores a signal of
+    sqrt(alpha_bar) = 0.08 of z0, as Stable Diffusion's schedule does (0.07). v and sample
+    predictions give z0 stably at any SNR and always start at T-1."""
 
 
 class _ScheduleSampler(Sampler):
     """What the three samplers share: the timestep grid and the guided (eps, z0) prediction."""
 
-    def __init__(self, steps: int | None, timestep_spacing: TimestepSpacing, clip_sample: float | None):
+    def __init__(self, steps: int | None, timestep_spacing: TimestepSpacing, clip_sample: float | None,
+                 min_log_snr: float | None):
         self.steps, self.timestep_spacing, self.clip_sample = steps, timestep_spacing, clip_sample
+        self.min_log_snr = min_log_snr
 
-    def _grid(self, schedule: NoiseSchedule, steps: int | None, device: torch.device):
+    def _grid(self, denoiser: Denoiser, schedule: NoiseSchedule, steps: int | None, device: torch.device):
         """(timesteps, alpha_bar at them, alpha_bar at the next one; 1 after the last)."""
+        floor = self.min_log_snr if denoiser.prediction_type == "epsilon" else None
         T = schedule.num_timesteps
         steps = steps or self.steps or T
-        ts = spaced_timesteps(T, steps, self.timestep_spacing, device)
+        if not 1 <= steps <= T:
+            raise SpecError(f"sampler.steps: {steps} is outside 1..{T} (the schedule's T); pick a value in that range")
+        usable = usable_timesteps(schedule, floor)
+        ts = spaced_timesteps(usable, min(steps, usable), self.timestep_spacing, device)
         alpha_bar = schedule.tables(device)[0][ts]
         alpha_bar_next = torch.cat([alpha_bar[1:], alpha_bar.new_ones(1)])
         return ts, alpha_bar, alpha_bar_next
@@ -86,6 +101,16 @@ class _ScheduleSampler(Sampler):
         return z
 
 
+def usable_timesteps(schedule: NoiseSchedule, min_log_snr: float | None) -> int:
+    """How many leading timesteps 0..t have log-SNR >= min_log_snr (at least 1; all T for None)."""
+    T = schedule.num_timesteps
+    if min_log_snr is None:
+        return T
+    # The schedule's tables live on the CPU: counting there reads nothing back from a GPU.
+    log_snr = schedule.log_snr(torch.arange(T)).numpy()
+    return max(1, int((log_snr >= min_log_snr).sum()))
+
+
 def _device_of(denoiser: torch.nn.Module, cond: torch.Tensor | None) -> torch.device:
     """Where the latents live: the denoiser's device (else the condition's, else the CPU)."""
     for tensor in list(denoiser.parameters()) + list(denoiser.buffers()):
@@ -102,7 +127,8 @@ def _t_batches(ts: torch.Tensor, batch: int) -> torch.Tensor:
 class DDPMSpec(_SamplerSpec):
     type: Literal["ddpm"] = "ddpm"
     steps: int | None = Field(None, ge=1)
-    """Denoiser evaluations; None: all T. Fewer respace the chain (Nichol & Dhariwal 2021, sec. 4)."""
+    """Denoiser evaluations; None: every timestep from the start (see min_log_snr). Fewer respace
+    the chain (Nichol & Dhariwal 2021, sec. 4)."""
     variance: Literal["beta_tilde", "beta"] = "beta_tilde"
     """Reverse-step variance (Ho et al. 2020, sec. 3.2): beta_tilde (the posterior's, best for
     deterministic data) or beta (best for N(0, I) data)."""
@@ -111,8 +137,9 @@ class DDPMSpec(_SamplerSpec):
 class DDPMSampler(_ScheduleSampler):
     """Ancestral sampling (Ho et al. 2020, Algorithm 2) with respacing for steps < T."""
 
-    def __init__(self, steps=None, variance="beta_tilde", timestep_spacing="trailing", clip_sample=None):
-        super().__init__(steps, timestep_spacing, clip_sample)
+    def __init__(self, steps=None, variance="beta_tilde", timestep_spacing="trailing", clip_sample=None,
+                 min_log_snr=-5.0):
+        super().__init__(steps, timestep_spacing, clip_sample, min_log_snr)
         self.variance = variance
 
     @torch.no_grad()
@@ -120,7 +147,7 @@ class DDPMSampler(_ScheduleSampler):
                cond: torch.Tensor | None = None, guidance: float = 0.0, steps: int | None = None,
                generator: Generators = None, callback: StepCallback | None = None) -> torch.Tensor:
         device = _device_of(denoiser, cond)
-        ts, ab, ab_prev = self._grid(schedule, steps, device)
+        ts, ab, ab_prev = self._grid(denoiser, schedule, steps, device)
         # 1. Betas of the (possibly respaced) chain from alpha_bar (Nichol & Dhariwal 2021,
         #    sec. 4): beta_t = 1 - alpha_bar_t / alpha_bar_prev; all T steps give the schedule's own.
         beta = 1 - ab / ab_prev
@@ -146,8 +173,8 @@ class DDIMSpec(_SamplerSpec):
 class DDIMSampler(_ScheduleSampler):
     """DDIM (Song et al. 2021): eq. 12 with sigma from eq. 16 scaled by eta."""
 
-    def __init__(self, steps=50, eta=0.0, timestep_spacing="trailing", clip_sample=None):
-        super().__init__(steps, timestep_spacing, clip_sample)
+    def __init__(self, steps=50, eta=0.0, timestep_spacing="trailing", clip_sample=None, min_log_snr=-5.0):
+        super().__init__(steps, timestep_spacing, clip_sample, min_log_snr)
         self.eta = eta
 
     @torch.no_grad()
@@ -155,7 +182,7 @@ class DDIMSampler(_ScheduleSampler):
                cond: torch.Tensor | None = None, guidance: float = 0.0, steps: int | None = None,
                generator: Generators = None, callback: StepCallback | None = None) -> torch.Tensor:
         device = _device_of(denoiser, cond)
-        ts, ab, ab_prev = self._grid(schedule, steps, device)
+        ts, ab, ab_prev = self._grid(denoiser, schedule, steps, device)
         # 1. sigma_t(eta) = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)   (eq. 16)
         sigma = self.eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
         # 2. z_prev = sqrt(a_prev) z0 + sqrt(1 - a_prev - sigma^2) eps + sigma noise     (eq. 12)
@@ -192,8 +219,9 @@ class DPMSolverPP2MSampler(_ScheduleSampler):
     A first-order step is DDIM with eta = 0 written in lambda.
     """
 
-    def __init__(self, steps=20, lower_order_final=True, timestep_spacing="trailing", clip_sample=None):
-        super().__init__(steps, timestep_spacing, clip_sample)
+    def __init__(self, steps=20, lower_order_final=True, timestep_spacing="trailing", clip_sample=None,
+                 min_log_snr=-5.0):
+        super().__init__(steps, timestep_spacing, clip_sample, min_log_snr)
         self.lower_order_final = lower_order_final
 
     @torch.no_grad()
@@ -201,7 +229,7 @@ class DPMSolverPP2MSampler(_ScheduleSampler):
                cond: torch.Tensor | None = None, guidance: float = 0.0, steps: int | None = None,
                generator: Generators = None, callback: StepCallback | None = None) -> torch.Tensor:
         device = _device_of(denoiser, cond)
-        ts, ab, _ = self._grid(schedule, steps, device)
+        ts, ab, _ = self._grid(denoiser, schedule, steps, device)
         n = len(ts)
         # 1. Steps i -> i+1 between grid points (n-1 of them); the last eval jumps to clean data.
         lam = 0.5 * (ab.log() - (-ab).log1p())

@@ -6,6 +6,9 @@ so a sampler fed this oracle must return N(mu, s^2). Every sampler is then affin
 (the start and, for stochastic ones, each step's), so its output law is Gaussian and is computed
 exactly by `exact_law`; a Monte Carlo test checks the same on samples.
 
+The closed-form tests run the chains from t = T-1 (min_log_snr=None); where an epsilon chain
+starts by default, and why, is tested at the end of the module.
+
 One correction is exact, not a tolerance fudge: samplers start from N(0, I) at t = T-1, but the
 true marginal there is N(sqrt(a_T) mu, a_T s^2 + 1 - a_T). The exact probability-flow ODE maps
 that marginal to the data affinely, x0 = mu + s (z - m_T) / sqrt(v_T), so from N(0, 1) it gives
@@ -182,7 +185,7 @@ def test_guided_prediction_is_the_cfg_formula_in_one_forward():
     torch.testing.assert_close(guided_prediction(den, z, t, None, 3.0), unconditional)
 
 
-@pytest.mark.parametrize("sampler", [DDPMSampler(steps=7), DDIMSampler(steps=7, eta=1.0),
+@pytest.mark.parametrize("sampler", [DDPMSampler(steps=7), DDIMSampler(min_log_snr=None, steps=7, eta=1.0),
                                      DPMSolverPP2MSampler(steps=7)],
                          ids=["ddpm", "ddim", "dpmpp-2m"])
 def test_one_batched_forward_per_step_with_guidance(sampler):
@@ -197,11 +200,11 @@ def test_one_batched_forward_per_step_with_guidance(sampler):
 
 # -- the Gaussian closed form --------------------------------------------------------------
 MC_CASES = {  # sampler and steps where each must be accurate to Monte Carlo precision
-    "ddpm-beta_tilde": (DDPMSampler(variance="beta_tilde"), None),
-    "ddpm-beta": (DDPMSampler(variance="beta"), None),
-    "ddim-eta0": (DDIMSampler(eta=0.0), "T"),
-    "ddim-eta1": (DDIMSampler(eta=1.0), "T"),
-    "dpmpp-2m": (DPMSolverPP2MSampler(), 50),
+    "ddpm-beta_tilde": (DDPMSampler(min_log_snr=None, variance="beta_tilde"), None),
+    "ddpm-beta": (DDPMSampler(min_log_snr=None, variance="beta"), None),
+    "ddim-eta0": (DDIMSampler(min_log_snr=None, eta=0.0), "T"),
+    "ddim-eta1": (DDIMSampler(min_log_snr=None, eta=1.0), "T"),
+    "dpmpp-2m": (DPMSolverPP2MSampler(min_log_snr=None), 50),
 }
 
 
@@ -224,7 +227,8 @@ def test_samplers_reproduce_gaussian_data(case, schedule_name):
 
 @pytest.mark.parametrize("schedule_name", ["linear", "cosine", "logsnr-linear"])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v", "sample"])
-@pytest.mark.parametrize("sampler,steps", [(DDIMSampler(), "T"), (DPMSolverPP2MSampler(), 50)],
+@pytest.mark.parametrize("sampler,steps", [(DDIMSampler(min_log_snr=None), "T"),
+                                           (DPMSolverPP2MSampler(min_log_snr=None), 50)],
                          ids=["ddim", "dpmpp-2m"])
 def test_deterministic_samplers_match_the_exact_ode(sampler, steps, prediction_type, schedule_name, monkeypatch):
     schedule = SCHEDULES[schedule_name]
@@ -236,8 +240,9 @@ def test_deterministic_samplers_match_the_exact_ode(sampler, steps, prediction_t
 
 
 @pytest.mark.parametrize("schedule_name", ["linear", "cosine", "logsnr-linear"])
-@pytest.mark.parametrize("sampler", [DDPMSampler(variance="beta_tilde"), DDPMSampler(variance="beta"),
-                                     DDIMSampler(eta=1.0)],
+@pytest.mark.parametrize("sampler", [DDPMSampler(min_log_snr=None, variance="beta_tilde"),
+                                     DDPMSampler(min_log_snr=None, variance="beta"),
+                                     DDIMSampler(min_log_snr=None, eta=1.0)],
                          ids=["ddpm-beta_tilde", "ddpm-beta", "ddim-eta1"])
 def test_stochastic_samplers_exact_law_with_all_steps(sampler, schedule_name, monkeypatch):
     """The SDE forgets its start (mean bias far below the ODE's); variance within 3% at T steps.
@@ -262,14 +267,15 @@ def test_dpmpp_2m_beats_ddim_at_20_steps(schedule_name, monkeypatch):
     target = ode_target(schedule, mu, s)
     oracle = GaussianOracle(schedule, mu, s)
     errors = {name: w2(*exact_law(sampler, oracle, schedule, 20, monkeypatch), *target)
-              for name, sampler in (("ddim", DDIMSampler()), ("dpmpp-2m", DPMSolverPP2MSampler()))}
+              for name, sampler in (("ddim", DDIMSampler(min_log_snr=None)),
+                                    ("dpmpp-2m", DPMSolverPP2MSampler(min_log_snr=None)))}
     assert errors["dpmpp-2m"] < 0.5 * errors["ddim"], errors
 
 
 def test_more_steps_converge(monkeypatch):
     schedule, mu, s = SCHEDULES["cosine"], 0.7, 0.5
     oracle, target = GaussianOracle(schedule, mu, s), ode_target(schedule, mu, s)
-    for sampler in (DDIMSampler(), DPMSolverPP2MSampler()):
+    for sampler in (DDIMSampler(min_log_snr=None), DPMSolverPP2MSampler(min_log_snr=None)):
         errors = [w2(*exact_law(sampler, oracle, schedule, n, monkeypatch), *target) for n in (5, 10, 20, 50)]
         assert all(b < a for a, b in zip(errors, errors[1:], strict=False)), (type(sampler).__name__, errors)
 
@@ -278,9 +284,9 @@ def test_ddim_eta1_is_the_ddpm_posterior():
     """Song et al. eq. 16 with eta = 1 is DDPM's beta_tilde step: same noise, same samples."""
     schedule = SCHEDULES["cosine"]
     oracle = GaussianOracle(schedule, 0.7, 0.5)
-    ddim = DDIMSampler(eta=1.0).sample(oracle, schedule, (64, 1, 2, 2), steps=40,
+    ddim = DDIMSampler(min_log_snr=None, eta=1.0).sample(oracle, schedule, (64, 1, 2, 2), steps=40,
                                        generator=torch.Generator().manual_seed(3))
-    ddpm = DDPMSampler(variance="beta_tilde").sample(oracle, schedule, (64, 1, 2, 2), steps=40,
+    ddpm = DDPMSampler(min_log_snr=None, variance="beta_tilde").sample(oracle, schedule, (64, 1, 2, 2), steps=40,
                                                      generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(ddim, ddpm, atol=1e-5, rtol=1e-5)
 
@@ -331,3 +337,43 @@ def test_sampling_loop_never_reads_device_values(monkeypatch):
     for sampler in (DDPMSampler(steps=10), DDIMSampler(steps=10, eta=0.5), DPMSolverPP2MSampler(steps=10)):
         sampler.sample(oracle, schedule, (2, 1, 2, 2), cond=None, generator=generators_for_seeds([1, 2]))
         sampler.sample(ToyConditional(), schedule, (2, 2, 2, 2), cond=torch.ones(2, 3), guidance=1.5)
+
+
+# -- where the chain starts ------------------------------------------------------------------
+class BiasedOracle(GaussianOracle):
+    """The oracle's eps plus 1% of z_t: a small, realistic error that keeps samplers affine."""
+
+    def forward(self, z_t, t, cond=None, drop=None):
+        return super().forward(z_t, t) + 0.01 * z_t
+
+
+@pytest.mark.parametrize("make", [DDIMSampler, DPMSolverPP2MSampler], ids=["ddim", "dpmpp-2m"])
+def test_epsilon_floor_keeps_a_small_error_small(make, monkeypatch):
+    """At the cosine schedule's last step (log-SNR -19.8) z0 = (z - sqrt(1-a) eps) / sqrt(a)
+    turns a 1% eps error into a ~200 z0 error, and 20 deterministic steps never recover;
+    from log-SNR -5 on, the output std moves by a few percent."""
+    schedule, mu, s = SCHEDULES["cosine"], 0.0, 0.5
+    law = {}
+    for name, oracle in (("exact", GaussianOracle(schedule, mu, s)), ("biased", BiasedOracle(schedule, mu, s))):
+        for floor in (-5.0, None):
+            law[name, floor] = exact_law(make(steps=20, min_log_snr=floor), oracle, schedule, 20, monkeypatch)[1]
+    assert abs(law["biased", -5.0] / law["exact", -5.0] - 1) < 0.05, law
+    assert law["biased", None] > 10 * s, law
+
+
+class FirstTimestep(GaussianOracle):
+    def forward(self, z_t, t, cond=None, drop=None):
+        self.seen = getattr(self, "seen", None) or float(t.flatten()[0])
+        return super().forward(z_t, t)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v", "sample"])
+def test_only_epsilon_chains_start_at_the_floor(prediction_type):
+    schedule = SCHEDULES["cosine"]
+    log_snr = schedule.log_snr(torch.arange(schedule.num_timesteps))
+    floor_t = int((log_snr >= -5.0).nonzero().max())
+    for sampler in (DDPMSampler(), DDIMSampler(steps=20), DPMSolverPP2MSampler(steps=20)):
+        oracle = FirstTimestep(schedule, 0.0, 1.0, prediction_type)
+        sampler.sample(oracle, schedule, (1, 1, 1, 1))
+        assert oracle.seen == (floor_t if prediction_type == "epsilon" else schedule.num_timesteps - 1)
+    assert 940 < floor_t < 950  # log-SNR -5 sits near t = 946 of 1000 on the cosine schedule
