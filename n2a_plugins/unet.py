@@ -14,7 +14,8 @@ on it, so the two can be benchmarked side by side.
 Time: the sinusoidal embedding of "Attention is all you need" (sec. 3.5; the Noise2Art
 paper's eq. 12) of width base_channels, then Linear-SiLU-Linear to 4 x base_channels.
 Every ResNet block ADDS a linear projection of it to its feature map after the first
-conv (additive, as in DDPM; not the scale-shift/FiLM of ADM).
+conv (as in DDPM), or with `scale_shift` uses it to scale and shift the normalised
+features (ADM's adaptive GroupNorm).
 
 Conditioning, the `cond` of `Denoiser.forward`:
 - vector B x D: projected by Linear-SiLU-Linear to the time-embedding width and added to
@@ -97,13 +98,20 @@ def check_architecture(
 
 # -- building blocks ------------------------------------------------------------------------
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv, + time embedding, GroupNorm-SiLU-dropout-conv, + skip (DDPM)."""
+    """GroupNorm-SiLU-conv, + embedding, GroupNorm-SiLU-dropout-conv, + skip (DDPM).
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, dropout: float):
+    With `scale_shift` the embedding enters as ADM's adaptive GroupNorm instead of a sum:
+    norm2(h) * (1 + scale) + shift (Dhariwal & Nichol 2021, sec. 3), which lets the time and
+    the condition gate features rather than only offset them.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, dropout: float,
+                 scale_shift: bool = False):
         super().__init__()
+        self.scale_shift = scale_shift
         self.norm1 = nn.GroupNorm(groups, in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_dim, out_ch)
+        self.emb_proj = nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch)
         self.norm2 = nn.GroupNorm(groups, out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
@@ -112,8 +120,13 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         # `emb` has been through SiLU once for all blocks (DDPM applies it per block).
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb_proj(emb)[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        emb = self.emb_proj(emb)[:, :, None, None]
+        if self.scale_shift:
+            scale, shift = emb.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + emb)
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
@@ -223,6 +236,7 @@ class UNet(Denoiser):
         head_channels: int | None = None,
         dropout: float = 0.0,
         norm_groups: int = 32,
+        scale_shift: bool = False,
         cond_mode: CondMode = "none",
         cond_dim: int | None = None,
         prediction_type: PredictionType = "epsilon",
@@ -257,7 +271,7 @@ class UNet(Denoiser):
                 attn = SelfAttention(out_ch, heads(out_ch), norm_groups)
                 if cond_mode == "sequence":
                     xattn = CrossAttention(out_ch, cond_dim, heads(out_ch), norm_groups)
-            res = ResBlock(in_ch, out_ch, emb_dim, norm_groups, dropout)
+            res = ResBlock(in_ch, out_ch, emb_dim, norm_groups, dropout, scale_shift)
             return Stage(res, attn, xattn, resample)
 
         self.time_mlp = nn.Sequential(
@@ -281,7 +295,7 @@ class UNet(Denoiser):
                 skips.append(ch)
 
         self.mid = stage(ch, ch, mid_attention)
-        self.mid_res = ResBlock(ch, ch, emb_dim, norm_groups, dropout)
+        self.mid_res = ResBlock(ch, ch, emb_dim, norm_groups, dropout, scale_shift)
 
         self.up = nn.ModuleList()
         for level in reversed(range(self.num_levels)):
@@ -397,6 +411,9 @@ class UNetSpec(ComponentSpec):
     """Dropout before the second conv of every ResNet block."""
     norm_groups: int = Field(32, ge=1)
     """GroupNorm groups; must divide base_channels and every level's channels."""
+    scale_shift: bool = False
+    """ADM's adaptive GroupNorm: the time + condition embedding scales and shifts each ResNet
+    block's features instead of being added (diffusers' resnet_time_scale_shift="scale_shift")."""
     cond_mode: Literal["auto", "none", "vector", "sequence"] = "auto"
     """How the condition enters: auto follows the configured conditioner (none without one);
     vector joins the time embedding; sequence adds cross-attention after each self-attention."""

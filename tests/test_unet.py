@@ -133,9 +133,10 @@ def test_batch_independence(mode):
             assert torch.allclose(one[0], full[i], atol=1e-5)
 
 
+@pytest.mark.parametrize("scale_shift", [False, True])
 @pytest.mark.parametrize("mode, cond_shape", [("vector", (4, 6)), ("sequence", (4, 3, 6))])
-def test_every_parameter_gets_a_gradient(mode, cond_shape):
-    model = tiny(cond_mode=mode, cond_dim=6, dropout=0.1).train()
+def test_every_parameter_gets_a_gradient(mode, cond_shape, scale_shift):
+    model = tiny(cond_mode=mode, cond_dim=6, dropout=0.1, scale_shift=scale_shift).train()
     z, t = batch(B=4)
     out = model(z, t, torch.randn(cond_shape), torch.tensor([True, False, True, False]))
     out.square().mean().backward()
@@ -295,3 +296,23 @@ def test_bf16_model_takes_float32_condition():
     z, t = batch()
     out = model(z.bfloat16(), t, torch.randn(3, 2, 6), torch.tensor([True, False, False]))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_scale_shift_block_is_adms_adaptive_group_norm():
+    """The same weights in diffusers' ResnetBlock2D(time_embedding_norm="scale_shift") give
+    the same output (diffusers applies the SiLU to the embedding inside each block)."""
+    diffusers = pytest.importorskip("diffusers.models.resnet")
+    from n2a_plugins.unet import ResBlock
+
+    torch.manual_seed(0)
+    ours = ResBlock(16, 32, 24, groups=8, dropout=0.0, scale_shift=True).eval()
+    theirs = diffusers.ResnetBlock2D(in_channels=16, out_channels=32, temb_channels=24, groups=8,
+                                     time_embedding_norm="scale_shift", eps=1e-5).eval()
+    names = {"emb_proj": "time_emb_proj", "skip": "conv_shortcut"}
+    theirs.load_state_dict({names.get(k.split(".")[0], k.split(".")[0]) + "." + k.split(".", 1)[1]: v
+                            for k, v in ours.state_dict().items()})
+    x, emb = torch.randn(2, 16, 8, 8), torch.randn(2, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, torch.nn.functional.silu(emb)), theirs(x, emb))
+        additive = ResBlock(16, 32, 24, groups=8, dropout=0.0).eval()
+        assert additive.emb_proj.out_features == 32 and ours.emb_proj.out_features == 64
