@@ -84,20 +84,26 @@ def train(
     console.print(f"done in {time.perf_counter() - started:.0f} s: {out_dir}")
 
 
+FINAL_SEEDS = 4
+
+
 def _final_samples(session) -> None:
-    """A grid for a handful of conditions at the end of training (quickstart's payoff)."""
+    """A grid for a handful of conditions, a row of seeds each, at the end of training
+    (the quickstart's payoff)."""
     from n2a_core.generate import generate, load_run, write_samples
     from n2a_core.train import eval_split, preview_conditions
 
     loaded = load_run(session.run.root, device=str(session.device))
-    conditions = preview_conditions(eval_split(session.splits), loaded.conditioner, n=8)
-    seeds = list(range(len(conditions)))
-    guidance = 3.0 if loaded.conditioner is not None else 0.0
+    tspec = loaded.spec.training
+    chosen = tspec.preview_conditions or preview_conditions(eval_split(session.splits), loaded.conditioner, n=8)
+    conditions = [c for c in chosen for _ in range(FINAL_SEEDS)]
+    seeds = list(range(FINAL_SEEDS)) * len(chosen)
+    guidance = tspec.preview_guidance if loaded.conditioner is not None else 0.0
     images = generate(loaded, conditions, seeds, guidance=guidance)
     records = [{"index": i, "seed": s, "condition": c, "guidance": guidance, "step": loaded.step,
                 "sampler": loaded.spec.sampler.type if loaded.spec.sampler else None,
                 "spec_digest": loaded.spec.digest()} for i, (s, c) in enumerate(zip(seeds, conditions, strict=True))]
-    grid = write_samples(images, records, session.run.samples / "final")
+    grid = write_samples(images, records, session.run.samples / "final", nrow=FINAL_SEEDS)
     console.print(f"samples: [bold]{grid}[/bold]")
 
 

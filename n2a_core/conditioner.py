@@ -9,6 +9,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from n2a_core.errors import SpecError, did_you_mean
+
 
 class Conditioner(nn.Module, ABC):
     """Embeds one condition per image.
@@ -44,3 +46,14 @@ class Conditioner(nn.Module, ABC):
         for tensor in list(self.parameters()) + list(self.buffers()):
             return tensor.device
         return torch.device("cpu")
+
+
+def check_labels(conditioner: Conditioner, conditions: Sequence[str], where: str) -> None:
+    """Refuse labels the conditioner does not know, naming `where` they came from."""
+    labels = getattr(conditioner, "labels", None)
+    if conditioner.field != "label" or labels is None:
+        return
+    for c in conditions:
+        if c and c not in labels:
+            raise SpecError(f"{where}: unknown label '{c}'{did_you_mean(c, labels)}; known: "
+                            f"{', '.join(labels[:30])}{' …' if len(labels) > 30 else ''}")

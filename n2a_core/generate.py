@@ -15,9 +15,9 @@ import torch
 from PIL.PngImagePlugin import PngInfo
 
 from n2a_core.checkpoint import latest_checkpoint, load_checkpoint
-from n2a_core.conditioner import Conditioner
+from n2a_core.conditioner import Conditioner, check_labels
 from n2a_core.data import make_grid_image, tensor_to_image
-from n2a_core.errors import CheckpointError, SpecError, did_you_mean
+from n2a_core.errors import CheckpointError, SpecError
 from n2a_core.pipeline import Pipeline, RunDir, build_pipeline, resolve_device
 from n2a_core.plugins import get_registry
 from n2a_core.sampler import generators_for_seeds
@@ -78,12 +78,7 @@ def check_conditions(loaded: LoadedRun, conditions: list[str], field: str | None
         option = "--prompt" if conditioner.field == "caption" else "--label"
         raise SpecError(f"{loaded.run.root}: the run's conditioner '{loaded.spec.conditioner.type}' reads "
                         f"{conditioner.field}s; use {option}")
-    labels = getattr(conditioner, "labels", None)
-    if conditioner.field == "label" and labels is not None:
-        for c in conditions:
-            if c and c not in labels:
-                raise SpecError(f"--label: unknown label '{c}'{did_you_mean(c, labels)}; known: "
-                                f"{', '.join(labels[:30])}{' …' if len(labels) > 30 else ''}")
+    check_labels(conditioner, conditions, "--label")
 
 
 @torch.no_grad()

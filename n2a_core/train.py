@@ -18,6 +18,7 @@ from rich.console import Console
 
 from n2a_core import distributed
 from n2a_core.checkpoint import latest_checkpoint
+from n2a_core.conditioner import check_labels
 from n2a_core.data import collate_samples, make_grid_image, make_splits, report_skipped
 from n2a_core.distributed import SINGLE, Dist, DistributedError, local_batch, rank_seed
 from n2a_core.errors import CheckpointError, SpecError
@@ -263,7 +264,8 @@ def train_diffusion_stage(s: Session, max_steps: int | None = None) -> Path:
     model = DiffusionModel(p.denoiser, p.conditioner)
     f = p.autoencoder.downsample_factor
     size = spec.data.image_size
-    preview = preview_conditions(val_data if has_items(val_data) else train_data, p.conditioner)
+    preview = tspec.preview_conditions or preview_conditions(val_data if has_items(val_data) else train_data,
+                                                             p.conditioner)
     val_loader = None
     if has_items(val_data):
         val_loader = torch.utils.data.DataLoader(val_data, batch_size=tspec.batch_size // tspec.grad_accum,
@@ -304,6 +306,8 @@ def train_run(spec: RunSpecBase, out: Path, *, resume: bool = False, max_steps: 
     _, world_size, _ = distributed.launch_env()
     check_batch_sizes(spec, world_size, stage1=False)  # stage 1's in prepare_run
     session = prepare_run(spec, Path(out), resume=resume, show_progress=show_progress)
+    if session.pipeline.conditioner is not None:  # before stage 1, not after it
+        check_labels(session.pipeline.conditioner, spec.training.preview_conditions, "training.preview_conditions")
     resolve_autoencoder(session)
     train_diffusion_stage(session, max_steps)
     return session

@@ -185,7 +185,7 @@ class DiffusionStage(Stage):
         return total / count if count else None
 
     @torch.no_grad()
-    def sample_grid(self, step: int, guidance: float = 3.0) -> None:
+    def sample_grid(self, step: int) -> None:
         if self.sampler is None or self.save_grid is None:
             return
         ema = self.ema_copy()
@@ -194,7 +194,7 @@ class DiffusionStage(Stage):
         cond, _ = ema.embed(conditions)
         cond = cond.to(self.device) if cond is not None else None
         z = self.sampler.sample(ema.denoiser, self.schedule, (len(conditions), *self.latent_shape),
-                                cond=cond, guidance=guidance if cond is not None else 0.0,
+                                cond=cond, guidance=self.spec.preview_guidance if cond is not None else 0.0,
                                 steps=self.spec.sample_steps,
                                 generator=generators_for_seeds(range(len(conditions))))
         images = self.autoencoder.decode(z.to(self.device)).clamp(-1, 1)

@@ -40,7 +40,8 @@ def invoke(*args: str):
 @pytest.fixture(scope="module")
 def caption_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "caption"
-    result = invoke("train", "--conditioner", "minilm", "--sampler", "ddim", "--out", str(out), *sets())
+    result = invoke("train", "--conditioner", "minilm", "--sampler", "ddim", "--out", str(out),
+                    *sets("training.preview_conditions=[red apple,grinning face]", "training.preview_guidance=1.5"))
     assert result.exit_code == 0, result.output
     return out
 
@@ -55,6 +56,9 @@ def test_train_writes_a_complete_run(caption_run):
     records = [json.loads(line) for line in (out / "diffusion" / "metrics.jsonl").read_text().splitlines()]
     assert any("val/loss" in r for r in records) and any("loss/model" in r for r in records)
     assert (out / "samples" / "final" / "grid.png").is_file()
+    final = [json.loads(line) for line in (out / "samples" / "final" / "samples.jsonl").read_text().splitlines()]
+    assert [(r["condition"], r["seed"], r["guidance"]) for r in final] == [
+        (c, s, 1.5) for c in ("red apple", "grinning face") for s in range(4)]
 
 
 def test_sample_with_prompt_guidance_and_metadata(caption_run, tmp_path):
@@ -122,6 +126,10 @@ def test_class_label_run_samples_labels(tmp_path):
     assert result.exit_code == 0, result.output
     bad = invoke("sample", str(out), "--label", "no-such-label", "--n", "1")
     assert bad.exit_code == 1 and "unknown label" in bad.output
+    bad = invoke("train", "--conditioner", "class-label", "--out", str(tmp_path / "bad"),
+                 *sets("training.preview_conditions=[no-such-label]"))
+    assert bad.exit_code == 1 and "training.preview_conditions: unknown label 'no-such-label'" in bad.output
+    assert not (tmp_path / "bad" / "autoencoder" / "weights.safetensors").exists()  # refused before stage 1
 
 
 def test_eval_autoencoder_reports_metrics(caption_run):
