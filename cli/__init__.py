@@ -2,7 +2,13 @@
 
 import os
 
-# Before torch loads OpenMP: idle OpenMP threads otherwise spin, and when anything else
-# shares the cores a training step ran 12-18x slower here (quickstart stage 2: 6.9 s vs
-# 0.39 s per step with one other busy process on 2 cores). Set it yourself to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch loads OpenMP, how its idle threads wait. The quickstart's tiny UNet runs
+# thousands of short parallel regions a step, and `benchmarks/openmp_wait.py` measured a
+# stage-2 step on 2 cores: libgomp's default endless spinning ran >10x slower beside one
+# busy process; OMP_WAIT_POLICY=PASSIVE was safe there but 1.4x slower alone; a short spin
+# (GOMP_SPINCOUNT=10000) is as fast as the default alone and 1.5x PASSIVE beside a busy
+# process. KMP_BLOCKTIME does the same for LLVM/Intel OpenMP (macOS; not measured here).
+# Set any of these yourself to override.
+if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & os.environ.keys():
+    os.environ["GOMP_SPINCOUNT"] = "10000"
+os.environ.setdefault("KMP_BLOCKTIME", "1")
