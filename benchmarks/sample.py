@@ -51,7 +51,10 @@ def n2a_components(kind: str, steps: int):
     from n2a_core import get_registry
 
     registry = get_registry()
-    sampler = registry.build("sampler", registry.validate_spec("sampler", {"type": kind, "steps": steps}))
+    # From t = T-1 like diffusers' schedulers: n2a's default epsilon floor (log-SNR -5) would
+    # start at t = 701 of this schedule, a different (and shorter) chain.
+    spec = {"type": kind, "steps": steps, "min_log_snr": None}
+    sampler = registry.build("sampler", registry.validate_spec("sampler", spec))
     schedule = registry.build("schedule", registry.validate_spec("schedule", {"type": "linear"}))
     return sampler, schedule
 

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from n2a_core.kinds import KINDS
+from n2a_core.presets import preset_names
 from n2a_core.specs import RunSpecBase, load_run_spec
 
 ConfigOption = Annotated[
@@ -19,6 +20,10 @@ SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a spec field: --set denoiser.base_channels=128 (repeatable).",
                  show_default=False),
+]
+
+PresetOption = Annotated[
+    str | None, typer.Option(help=f"Starting spec when no --config is given: {', '.join(preset_names())}.")
 ]
 
 

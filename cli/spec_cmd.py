@@ -10,7 +10,7 @@ import typer
 import yaml
 
 from cli.common import console, user_errors
-from cli.options import ConfigOption, SetOption, plugin_options, resolve_cli_spec
+from cli.options import ConfigOption, PresetOption, SetOption, plugin_options, resolve_cli_spec
 
 app = typer.Typer(help="Inspect run specs: the resolved values and the JSON Schema.", no_args_is_help=True)
 
@@ -21,11 +21,13 @@ def show(
     config: ConfigOption = None,
     overrides: SetOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of YAML.")] = False,
+    preset: PresetOption = None,
     **plugins: str | None,
 ) -> None:
-    """Print the run spec after defaults, the config file and overrides are applied."""
+    """Print the run spec after defaults, the preset or config file, and overrides are applied
+    (`--preset quickstart`: what a bare `n2a train` runs)."""
     with user_errors():
-        spec = resolve_cli_spec(config, overrides, plugins)
+        spec = resolve_cli_spec(config, overrides, plugins, preset)
     data = spec.model_dump(mode="json")
     console.print(json.dumps(data, indent=2) if as_json else yaml.safe_dump(data, sort_keys=False), end="")
 

@@ -11,15 +11,13 @@ import typer
 from rich.table import Table
 
 from cli.common import console, user_errors
-from cli.options import ConfigOption, SetOption, plugin_options, resolve_cli_spec
-from n2a_core.presets import preset_names
+from cli.options import ConfigOption, PresetOption, SetOption, plugin_options, resolve_cli_spec
 
 OutOption = Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (default: runs/<preset>-<time>).",
                                                  show_default=False)]
 MaxStepsOption = Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.", min=1,
                                                     show_default=False)]
 ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue the run in --out (default: newest under runs/).")]
-PresetOption = Annotated[str, typer.Option(help=f"Starting spec when no --config is given: {', '.join(preset_names())}.")]
 
 
 def _spec_with_autoencoder_run(config, overrides, plugins, preset):
@@ -95,7 +93,7 @@ def _final_samples(session) -> None:
 
     loaded = load_run(session.run.root, device=str(session.device))
     tspec = loaded.spec.training
-    chosen = tspec.preview_conditions or preview_conditions(eval_split(session.splits), loaded.conditioner, n=8)
+    chosen = preview_conditions(eval_split(session.splits), loaded.conditioner, tspec)
     conditions = [c for c in chosen for _ in range(FINAL_SEEDS)]
     seeds = list(range(FINAL_SEEDS)) * len(chosen)
     guidance = tspec.preview_guidance if loaded.conditioner is not None else 0.0

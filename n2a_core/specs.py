@@ -124,9 +124,11 @@ class DiffusionTrainingSpec(OptimSpec):
     """torch.compile the denoiser."""
     sample_steps: int = Field(50, ge=1)
     """Sampler steps for the periodic sample grid."""
-    preview_conditions: list[str] = Field(default_factory=list, max_length=64)
-    """Captions or labels of the sample grids, during training and at the end ([]: the first
-    distinct ones of the validation split)."""
+    preview_captions: list[str] = Field(default_factory=list, max_length=64)
+    """Captions of the sample grids (during training and at the end) when the conditioner
+    reads captions ([]: the first distinct ones of the validation split)."""
+    preview_labels: list[str] = Field(default_factory=list, max_length=64)
+    """The same for a conditioner that reads labels."""
     preview_guidance: float = Field(3.0, ge=0)
     """Guidance weight w of the sample grids."""
 
@@ -156,7 +158,7 @@ class RunSpecBase(N2ASpec):
 
 OPERATIONAL_FIELDS = frozenset({
     "max_steps", "log_every", "sample_every", "checkpoint_every", "keep_last", "num_workers",
-    "val_every", "val_batches", "sample_steps", "preview_conditions", "preview_guidance", "device",
+    "val_every", "val_batches", "sample_steps", "preview_captions", "preview_labels", "preview_guidance", "device",
     # the global batch is fixed; how it is split (processes x accumulation) may change on resume
     "grad_accum",
 })

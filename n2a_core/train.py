@@ -27,7 +27,7 @@ from n2a_core.loop import BatchStream, TrainingLoop
 from n2a_core.pipeline import Pipeline, RunDir, build_pipeline
 from n2a_core.plugins import get_registry
 from n2a_core.progress import progress_bar
-from n2a_core.specs import BuildContext, RunSpecBase, resolve_run_spec
+from n2a_core.specs import BuildContext, DiffusionTrainingSpec, RunSpecBase, resolve_run_spec
 from n2a_core.train_autoencoder import AutoencoderStage, export_autoencoder, load_autoencoder_weights
 from n2a_core.train_diffusion import DiffusionModel, DiffusionStage
 
@@ -264,8 +264,7 @@ def train_diffusion_stage(s: Session, max_steps: int | None = None) -> Path:
     model = DiffusionModel(p.denoiser, p.conditioner)
     f = p.autoencoder.downsample_factor
     size = spec.data.image_size
-    preview = tspec.preview_conditions or preview_conditions(val_data if has_items(val_data) else train_data,
-                                                             p.conditioner)
+    preview = preview_conditions(val_data if has_items(val_data) else train_data, p.conditioner, tspec)
     val_loader = None
     if has_items(val_data):
         val_loader = torch.utils.data.DataLoader(val_data, batch_size=tspec.batch_size // tspec.grad_accum,
@@ -286,10 +285,14 @@ def train_diffusion_stage(s: Session, max_steps: int | None = None) -> Path:
     return s.run.diffusion
 
 
-def preview_conditions(dataset, conditioner, n: int = 8) -> list[str]:
-    """Distinct conditions from the first records, for the periodic sample grids."""
+def preview_conditions(dataset, conditioner, tspec: DiffusionTrainingSpec, n: int = 8) -> list[str]:
+    """The sample grids' conditions: the spec's captions or labels (whichever the conditioner
+    reads), else distinct ones from the first records of `dataset`."""
     if conditioner is None:
         return [""] * n
+    chosen = tspec.preview_captions if conditioner.field == "caption" else tspec.preview_labels
+    if chosen:
+        return list(chosen)
     seen: list[str] = []
     for item in first_items(dataset, n * 20):
         value = item[conditioner.field]
@@ -307,7 +310,7 @@ def train_run(spec: RunSpecBase, out: Path, *, resume: bool = False, max_steps: 
     check_batch_sizes(spec, world_size, stage1=False)  # stage 1's in prepare_run
     session = prepare_run(spec, Path(out), resume=resume, show_progress=show_progress)
     if session.pipeline.conditioner is not None:  # before stage 1, not after it
-        check_labels(session.pipeline.conditioner, spec.training.preview_conditions, "training.preview_conditions")
+        check_labels(session.pipeline.conditioner, spec.training.preview_labels, "training.preview_labels")
     resolve_autoencoder(session)
     train_diffusion_stage(session, max_steps)
     return session

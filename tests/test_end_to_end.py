@@ -41,7 +41,7 @@ def invoke(*args: str):
 def caption_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "caption"
     result = invoke("train", "--conditioner", "minilm", "--sampler", "ddim", "--out", str(out),
-                    *sets("training.preview_conditions=[red apple,grinning face]", "training.preview_guidance=1.5"))
+                    *sets("training.preview_captions=[red apple,grinning face]", "training.preview_guidance=1.5"))
     assert result.exit_code == 0, result.output
     return out
 
@@ -127,8 +127,8 @@ def test_class_label_run_samples_labels(tmp_path):
     bad = invoke("sample", str(out), "--label", "no-such-label", "--n", "1")
     assert bad.exit_code == 1 and "unknown label" in bad.output
     bad = invoke("train", "--conditioner", "class-label", "--out", str(tmp_path / "bad"),
-                 *sets("training.preview_conditions=[no-such-label]"))
-    assert bad.exit_code == 1 and "training.preview_conditions: unknown label 'no-such-label'" in bad.output
+                 *sets("training.preview_labels=[no-such-label]", "training.preview_captions=[red apple]"))
+    assert bad.exit_code == 1 and "training.preview_labels: unknown label 'no-such-label'" in bad.output
     assert not (tmp_path / "bad" / "autoencoder" / "weights.safetensors").exists()  # refused before stage 1
 
 
