@@ -17,7 +17,14 @@ TINY = ["autoencoder.base_channels=8", "denoiser.base_channels=16", "denoiser.nu
 
 
 def spec_files():
-    return [*EXAMPLES, *(preset_path(n) for n in preset_names())]
+    return sorted({*EXAMPLES, *(preset_path(n) for n in preset_names())})
+
+
+def test_presets_are_the_quickstart_and_the_examples():
+    """From a source checkout `--preset` offers the paper setups too; the built-in wins a tie."""
+    assert preset_names() == sorted({"quickstart", *(p.stem for p in EXAMPLES)})
+    assert preset_path("wikiart-style") == ROOT / "examples" / "wikiart-style.yaml"
+    assert preset_path("quickstart").parent.name == "presets"
 
 
 def test_there_are_examples_for_the_papers_setups():
