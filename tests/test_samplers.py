@@ -377,3 +377,33 @@ def test_only_epsilon_chains_start_at_the_floor(prediction_type):
         sampler.sample(oracle, schedule, (1, 1, 1, 1))
         assert oracle.seen == (floor_t if prediction_type == "epsilon" else schedule.num_timesteps - 1)
     assert 940 < floor_t < 950  # log-SNR -5 sits near t = 946 of 1000 on the cosine schedule
+
+
+def test_a_trained_epsilon_model_samples_its_data_only_from_the_floor():
+    """End to end on a learned model, where the oracle tests cannot see the failure: a tiny
+    UNet memorises 4 latents (400 steps); from log-SNR -5 its samples land near them, from
+    the cosine schedule's last step they are thousands of units off (what the quickstart's
+    blobs were)."""
+    from n2a_core.diffusion import diffusion_loss
+    from n2a_plugins.unet import UNet
+
+    torch.manual_seed(0)
+    data = torch.randn(4, 4, 4, 4)
+    model = UNet(in_channels=4, base_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1],
+                 num_heads=2, norm_groups=8)
+    schedule, g = SCHEDULES["cosine"], torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for _ in range(400):
+        loss = diffusion_loss(model, schedule, data[torch.randint(0, 4, (32,), generator=g)], None, None, g, 5.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+    def nearest_rms(sampler) -> torch.Tensor:
+        out = sampler.sample(model, schedule, (16, 4, 4, 4), generator=torch.Generator().manual_seed(1))
+        return (out[:, None] - data[None]).pow(2).mean((2, 3, 4)).sqrt().min(1).values
+
+    for make in (DDIMSampler, DPMSolverPP2MSampler):
+        assert float(nearest_rms(make(steps=20)).median()) < 0.7  # the data points are ~1.4 apart
+        assert float(nearest_rms(make(steps=20, min_log_snr=None)).median()) > 10
