@@ -80,7 +80,7 @@ def train_curve(denoiser, latents: torch.Tensor, precision: str, steps: int, siz
     losses = []
     start = time.perf_counter()
     for _ in range(steps):
-        losses.append(loop.train_step(batches)["loss/model"])
+        losses.append(float(loop.train_step(batches)["loss/model"]))
     return losses, (time.perf_counter() - start) / steps
 
 

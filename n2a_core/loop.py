@@ -243,6 +243,15 @@ class RankBlocks(IterableDataset):
                 mine = []
 
 
+def host_values(logs: dict[str, float | torch.Tensor]) -> dict[str, float]:
+    """The logs as Python floats, with one device-to-host copy for all tensor values."""
+    keys = [k for k, v in logs.items() if isinstance(v, torch.Tensor)]
+    if not keys:
+        return dict(logs)
+    values = torch.stack([logs[k].float().reshape(()) for k in keys]).tolist()
+    return {**logs, **dict(zip(keys, values, strict=True))}
+
+
 # -- precision -----------------------------------------------------------------------------
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for a precision setting on a device (None: plain fp32)."""
@@ -365,13 +374,15 @@ class TrainingLoop:
             self.stage.load_rank_state(None, seed)
 
     # one optimizer step ------------------------------------------------------------------
-    def train_step(self, batches: Iterator[Any]) -> dict[str, float]:
+    def train_step(self, batches: Iterator[Any]) -> dict[str, float | torch.Tensor]:
+        """One optimizer step. Losses and gradient norms come back as 0-d tensors on the
+        device, so a GPU step queues without waiting for the host; `host_values` reads them."""
         slots = self.stage.optimizers()
         for slot in slots.values():
             for group in slot.optimizer.param_groups:
                 group["lr"] = slot.lr * lr_factor(self.step, self.spec)
             slot.optimizer.zero_grad(set_to_none=True)
-        logs: dict[str, float] = {}
+        logs: dict[str, float | torch.Tensor] = {}
         for micro in range(self.spec.grad_accum):
             batch = next(batches)
             last = micro == self.spec.grad_accum - 1
@@ -388,7 +399,7 @@ class TrainingLoop:
                     # Each loss reaches only its own optimizer's parameters (a GAN generator
                     # loss must not leave gradients on the discriminator).
                     scaled.backward(inputs=slots[name].params)
-                    logs[f"loss/{name}"] = logs.get(f"loss/{name}", 0.0) + float(loss.detach()) / self.spec.grad_accum
+                    logs[f"loss/{name}"] = logs.get(f"loss/{name}", 0.0) + loss.detach().float() / self.spec.grad_accum
             for k, v in micro_logs.items():
                 logs[k] = logs.get(k, 0.0) + v / self.spec.grad_accum
         for name, slot in slots.items():
@@ -402,7 +413,7 @@ class TrainingLoop:
                 self.scaler.unscale_(slot.optimizer)
             clip = slot.grad_clip if slot.grad_clip is not None else self.spec.grad_clip
             if clip is not None:
-                logs[f"grad_norm/{name}"] = float(torch.nn.utils.clip_grad_norm_(slot.params, clip))
+                logs[f"grad_norm/{name}"] = torch.nn.utils.clip_grad_norm_(slot.params, clip).detach()
             if self.scaler is not None:
                 self.scaler.step(slot.optimizer)
             else:
@@ -438,10 +449,12 @@ class TrainingLoop:
             with peer_failures(self.dist):
                 while self.step < max_steps:
                     logs = self.train_step(batches)
+                    log_now = self.step % self.spec.log_every == 0 or self.step == max_steps
+                    if log_now:  # the one device-to-host read of the logs, every log_every steps
+                        logs = self.dist.mean_logs(host_values(logs))
                     if self.progress and self.is_main:
-                        self.progress(self.step, max_steps, logs)
-                    if self.step % self.spec.log_every == 0 or self.step == max_steps:
-                        logs = self.dist.mean_logs(logs)
+                        self.progress(self.step, max_steps, logs if log_now else None)
+                    if log_now:
                         now = time.perf_counter()
                         steps_done = self.spec.log_every if self.step % self.spec.log_every == 0 else 1
                         self.log({"step": self.step, **logs, "steps_per_s": steps_done / max(now - window, 1e-9),

@@ -32,12 +32,13 @@ def progress_bar(description: str, total: int, completed: int = 0, enabled: bool
         task = progress.add_task(description, total=total, completed=completed, info="", speed="")
 
         def update(done: int, total_now: int | None = None, logs: dict | None = None) -> None:
-            info = ""
+            """`logs` None keeps the losses last shown (training reads them every log_every steps)."""
+            fields = {}
             if logs:
-                losses = [f"{k.split('/', 1)[-1]}={v:.4f}" for k, v in logs.items() if k.startswith("loss/")]
-                info = " ".join(losses)
+                fields["info"] = " ".join(f"{k.split('/', 1)[-1]}={v:.4f}" for k, v in logs.items()
+                                          if k.startswith("loss/"))
             speed = progress.tasks[0].speed
-            progress.update(task, completed=done, total=total_now or total, info=info,
-                            speed=f"{speed:.2f} it/s" if speed else "")
+            progress.update(task, completed=done, total=total_now or total,
+                            speed=f"{speed:.2f} it/s" if speed else "", **fields)
 
         yield update

@@ -238,3 +238,40 @@ def test_ema_math():
 def test_diffusion_spec_defaults_are_paperlike():
     spec = DiffusionTrainingSpec()
     assert spec.p_uncond == 0.1 and 0.99 <= spec.ema_decay < 1
+
+
+def test_loop_reads_logs_from_the_device_only_when_it_logs(tmp_path, monkeypatch):
+    """On a GPU every float(tensor) waits for the queue: the step must not read its loss or
+    gradient norm back; the loop does, once for all values, every log_every steps."""
+    from n2a_core import loop as loop_module
+
+    reads, logged_steps = [], []
+    real_host_values = loop_module.host_values
+
+    def counting_host_values(logs):
+        logged_steps.append(loop.step)
+        return real_host_values(logs)
+
+    def refuse(self, *args):
+        reads.append(tuple(self.shape))
+        raise AssertionError("a tensor value was read inside the training step")
+
+    loop = make_loop(tmp_path, max_steps=7)
+    monkeypatch.setattr(loop_module, "host_values", counting_host_values)
+    real_step = loop.train_step
+
+    def guarded_step(batches):
+        # Loading reads CPU index tensors, which costs no GPU wait: draw the batches first.
+        drawn = [next(batches) for _ in range(loop.spec.grad_accum)]
+        with monkeypatch.context() as m:
+            for name in ("item", "__float__"):
+                m.setattr(torch.Tensor, name, refuse)
+            logs = real_step(iter(drawn))
+        assert isinstance(logs["loss/model"], torch.Tensor) and isinstance(logs["grad_norm/model"], torch.Tensor)
+        return logs
+
+    loop.train_step = guarded_step
+    loop.run()
+    assert not reads and logged_steps == [2, 4, 6, 7]  # log_every=2, and the last step
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(isinstance(r["loss/model"], float) for r in records if "loss/model" in r)
