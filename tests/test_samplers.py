@@ -41,15 +41,6 @@ class LogSNRLinearSchedule(NoiseSchedule):
         super().__init__(1 - alpha_bar[1:] / alpha_bar[:-1])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: OpenMP fan-out costs more than it saves (badly so on a busy box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 SCHEDULES = {"linear": LinearSchedule(), "cosine": CosineSchedule(), "logsnr-linear": LogSNRLinearSchedule()}
 
 

@@ -13,17 +13,6 @@ from n2a_core import BuildContext, Conditioning, Denoiser, get_registry
 from n2a_core.errors import N2AError, SpecError
 from n2a_plugins.unet import UNet, timestep_embedding
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and a 2-thread pool on a busy 2-core
-    machine spins at its barriers (a 100-step fit measured 20x slower), so run on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
 
 TINY = dict(base_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1],
             num_heads=2, norm_groups=8)

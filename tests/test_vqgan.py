@@ -37,18 +37,6 @@ from n2a_plugins.vqgan.quantizer import VectorQuantizer
 TINY = {"base_channels": 8, "channel_mult": (1, 2), "num_res_blocks": 1, "z_channels": 4, "codebook_size": 32}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions gain little from a second thread, and two threads per process
-    slow down many-fold when other processes share the two cores (OpenMP spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def tiny(**overrides) -> VQGAN:
     return VQGAN(**{**TINY, "disc_weight": 0.0, **overrides})
 
