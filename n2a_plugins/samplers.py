@@ -13,6 +13,7 @@ sigma_t = sqrt(1 - alpha_bar_t) where a paper uses them (DPM-Solver).
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Literal
 
@@ -32,6 +33,10 @@ from n2a_core.sampler import (
 )
 
 
+EPSILON_MIN_LOG_SNR = -5.0
+"""Where epsilon chains start by default (see `_SamplerSpec.min_log_snr`)."""
+
+
 class _SamplerSpec(ComponentSpec):
     timestep_spacing: TimestepSpacing = "trailing"
     """How `steps` timesteps are picked from T: trailing (starts at T-1; Lin et al. 2024),
@@ -39,7 +44,7 @@ class _SamplerSpec(ComponentSpec):
     clip_sample: float | None = Field(None, gt=0)
     """Clamp each predicted z0 to [-clip_sample, clip_sample] in latent units (None: off;
     latents are not bounded like pixels)."""
-    min_log_snr: float | None = -5.0
+    min_log_snr: float | None = EPSILON_MIN_LOG_SNR
     """Epsilon-predicting denoisers start the chain no noisier than this log(alpha_bar /
     (1 - alpha_bar)) (None: at T-1). Their z0 = (z - sqrt(1-a) eps) / sqrt(a) multiplies
     the eps error by 1/sqrt(SNR): ~20,000x at the cosine schedule's last step (log-SNR
@@ -50,12 +55,24 @@ class _SamplerSpec(ComponentSpec):
 
 
 class _ScheduleSampler(Sampler):
-    """What the three samplers share: the timestep grid and the guided (eps, z0) prediction."""
+    """What the three samplers share: `sample` itself (device, timestep grid), the guided
+    (eps, z0) prediction and the DDPM/DDIM chain; each sampler supplies `_solve`."""
 
-    def __init__(self, steps: int | None, timestep_spacing: TimestepSpacing, clip_sample: float | None,
-                 min_log_snr: float | None):
+    def __init__(self, steps: int | None, timestep_spacing: TimestepSpacing = "trailing",
+                 clip_sample: float | None = None, min_log_snr: float | None = EPSILON_MIN_LOG_SNR):
         self.steps, self.timestep_spacing, self.clip_sample = steps, timestep_spacing, clip_sample
         self.min_log_snr = min_log_snr
+
+    @torch.no_grad()
+    def sample(self, denoiser: Denoiser, schedule: NoiseSchedule, shape: Sequence[int],
+               cond: torch.Tensor | None = None, guidance: float = 0.0, steps: int | None = None,
+               generator: Generators = None, callback: StepCallback | None = None) -> torch.Tensor:
+        ts, ab, ab_next = self._grid(denoiser, schedule, steps, _device_of(denoiser, cond))
+        return self._solve(denoiser, shape, ts, ab, ab_next, cond, guidance, generator, callback)
+
+    @abstractmethod
+    def _solve(self, denoiser, shape, ts, ab, ab_next, cond, guidance, generator, callback) -> torch.Tensor:
+        """The chain over timesteps `ts` with alpha_bar `ab` there and `ab_next` one step on."""
 
     def _grid(self, denoiser: Denoiser, schedule: NoiseSchedule, steps: int | None, device: torch.device):
         """(timesteps, alpha_bar at them, alpha_bar at the next one; 1 after the last)."""
@@ -137,17 +154,11 @@ class DDPMSpec(_SamplerSpec):
 class DDPMSampler(_ScheduleSampler):
     """Ancestral sampling (Ho et al. 2020, Algorithm 2) with respacing for steps < T."""
 
-    def __init__(self, steps=None, variance="beta_tilde", timestep_spacing="trailing", clip_sample=None,
-                 min_log_snr=-5.0):
-        super().__init__(steps, timestep_spacing, clip_sample, min_log_snr)
+    def __init__(self, steps=None, variance="beta_tilde", **common):
+        super().__init__(steps, **common)
         self.variance = variance
 
-    @torch.no_grad()
-    def sample(self, denoiser: Denoiser, schedule: NoiseSchedule, shape: Sequence[int],
-               cond: torch.Tensor | None = None, guidance: float = 0.0, steps: int | None = None,
-               generator: Generators = None, callback: StepCallback | None = None) -> torch.Tensor:
-        device = _device_of(denoiser, cond)
-        ts, ab, ab_prev = self._grid(denoiser, schedule, steps, device)
+    def _solve(self, denoiser, shape, ts, ab, ab_prev, cond, guidance, generator, callback):
         # 1. Betas of the (possibly respaced) chain from alpha_bar (Nichol & Dhariwal 2021,
         #    sec. 4): beta_t = 1 - alpha_bar_t / alpha_bar_prev; all T steps give the schedule's own.
         beta = 1 - ab / ab_prev
@@ -173,16 +184,11 @@ class DDIMSpec(_SamplerSpec):
 class DDIMSampler(_ScheduleSampler):
     """DDIM (Song et al. 2021): eq. 12 with sigma from eq. 16 scaled by eta."""
 
-    def __init__(self, steps=50, eta=0.0, timestep_spacing="trailing", clip_sample=None, min_log_snr=-5.0):
-        super().__init__(steps, timestep_spacing, clip_sample, min_log_snr)
+    def __init__(self, steps=50, eta=0.0, **common):
+        super().__init__(steps, **common)
         self.eta = eta
 
-    @torch.no_grad()
-    def sample(self, denoiser: Denoiser, schedule: NoiseSchedule, shape: Sequence[int],
-               cond: torch.Tensor | None = None, guidance: float = 0.0, steps: int | None = None,
-               generator: Generators = None, callback: StepCallback | None = None) -> torch.Tensor:
-        device = _device_of(denoiser, cond)
-        ts, ab, ab_prev = self._grid(denoiser, schedule, steps, device)
+    def _solve(self, denoiser, shape, ts, ab, ab_prev, cond, guidance, generator, callback):
         # 1. sigma_t(eta) = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)   (eq. 16)
         sigma = self.eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
         # 2. z_prev = sqrt(a_prev) z0 + sqrt(1 - a_prev - sigma^2) eps + sigma noise     (eq. 12)
@@ -219,17 +225,11 @@ class DPMSolverPP2MSampler(_ScheduleSampler):
     A first-order step is DDIM with eta = 0 written in lambda.
     """
 
-    def __init__(self, steps=20, lower_order_final=True, timestep_spacing="trailing", clip_sample=None,
-                 min_log_snr=-5.0):
-        super().__init__(steps, timestep_spacing, clip_sample, min_log_snr)
+    def __init__(self, steps=20, lower_order_final=True, **common):
+        super().__init__(steps, **common)
         self.lower_order_final = lower_order_final
 
-    @torch.no_grad()
-    def sample(self, denoiser: Denoiser, schedule: NoiseSchedule, shape: Sequence[int],
-               cond: torch.Tensor | None = None, guidance: float = 0.0, steps: int | None = None,
-               generator: Generators = None, callback: StepCallback | None = None) -> torch.Tensor:
-        device = _device_of(denoiser, cond)
-        ts, ab, _ = self._grid(denoiser, schedule, steps, device)
+    def _solve(self, denoiser, shape, ts, ab, _ab_next, cond, guidance, generator, callback):
         n = len(ts)
         # 1. Steps i -> i+1 between grid points (n-1 of them); the last eval jumps to clean data.
         lam = 0.5 * (ab.log() - (-ab).log1p())
@@ -240,7 +240,7 @@ class DPMSolverPP2MSampler(_ScheduleSampler):
         # 2. D = w_now x0_now + w_prev x0_prev; r uses the previous step's h.
         r = torch.cat([h.new_ones(1), h[:-1] / h[1:]]) if n > 1 else h
         w_now, w_prev = 1 + 1 / (2 * r), -1 / (2 * r)
-        first_order = torch.zeros(max(n - 1, 0), dtype=torch.bool, device=device)
+        first_order = torch.zeros(max(n - 1, 0), dtype=torch.bool, device=ts.device)
         first_order[:1] = True  # no history at the first step
         if self.lower_order_final and n < 15 and n >= 2:
             first_order[-1] = True
@@ -248,7 +248,7 @@ class DPMSolverPP2MSampler(_ScheduleSampler):
         w_prev = torch.where(first_order, torch.zeros_like(w_prev), w_prev).float()
         t_in, ab = _t_batches(ts, shape[0]), ab.float()
 
-        z = randn(shape, generator, device)
+        z = randn(shape, generator, ts.device)
         x0_prev = None
         for i in range(n):
             _, x0 = self._predict(denoiser, z, t_in[i], cond, guidance, ab[i])
