@@ -282,19 +282,16 @@ class TrainingLoop:
     """
 
     def __init__(self, stage: Stage, spec: OptimSpec, stream: BatchStream, out_dir: Path, *,
-                 device: torch.device, spec_digest: str, is_main: bool = True,
-                 progress: Callable[..., Any] | None = None, sync: Callable[[], None] | None = None,
-                 dist: Dist = SINGLE):
+                 device: torch.device, spec_digest: str,
+                 progress: Callable[..., Any] | None = None, dist: Dist = SINGLE):
         self.stage, self.spec, self.stream, self.out_dir = stage, spec, stream, Path(out_dir)
-        self.device, self.spec_digest = device, spec_digest
-        self.dist = dist
-        self.is_main = is_main and dist.is_main
-        self.progress = progress
-        self.sync = sync or dist.barrier
+        self.device, self.spec_digest, self.dist, self.progress = device, spec_digest, dist, progress
         self.dtype = autocast_dtype(spec.precision, device)
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         self.step = 0
         self.checkpoint_dir = self.out_dir / "checkpoints"
+        self.clock: Callable[[], float] = time.perf_counter
+        """Seconds (replaceable by a fake clock in tests)."""
 
     # checkpointing ---------------------------------------------------------------------
     def rank_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -307,7 +304,7 @@ class TrainingLoop:
     def save(self) -> Path | None:
         per_rank = self.dist.all_gather_object(self.rank_state())
         path = None
-        if self.is_main:
+        if self.dist.is_main:
             tensors: dict[str, dict[str, torch.Tensor]] = {
                 f"module.{name}": module.state_dict() for name, module in self.stage.modules().items()
             }
@@ -322,7 +319,7 @@ class TrainingLoop:
                      "world_size": self.dist.world_size, "ranks": [meta for _, meta in per_rank],
                      "data": self.stream.position, "stage_state": stage_meta}
             path = save_checkpoint(self.checkpoint_dir, self.step, tensors, state, self.spec.keep_last)
-        self.sync()
+        self.dist.barrier()
         return path
 
     def resume(self, path: Path | None = None) -> bool:
@@ -378,14 +375,27 @@ class TrainingLoop:
         """One optimizer step. Losses and gradient norms come back as 0-d tensors on the
         device, so a GPU step queues without waiting for the host; `host_values` reads them."""
         slots = self.stage.optimizers()
+        self._zero_grad_and_set_lr(slots)
+        logs = self._accumulate_gradients(batches, slots)
+        logs.update(self._apply_gradients(slots))
+        self.step += 1
+        self.stage.after_step(self.step)
+        return logs
+
+    def _zero_grad_and_set_lr(self, slots: dict[str, OptimizerSlot]) -> None:
         for slot in slots.values():
             for group in slot.optimizer.param_groups:
                 group["lr"] = slot.lr * lr_factor(self.step, self.spec)
             slot.optimizer.zero_grad(set_to_none=True)
+
+    def _accumulate_gradients(self, batches: Iterator[Any],
+                              slots: dict[str, OptimizerSlot]) -> dict[str, float | torch.Tensor]:
+        """Forward and backward over grad_accum micro-batches; the mean losses and stage logs."""
+        accum = self.spec.grad_accum
         logs: dict[str, float | torch.Tensor] = {}
-        for micro in range(self.spec.grad_accum):
+        for micro in range(accum):
             batch = next(batches)
-            last = micro == self.spec.grad_accum - 1
+            last = micro == accum - 1
             # DDP averages gradients in the backward of the last micro-step only.
             with contextlib.nullcontext() if last or not self.dist.active else self.stage.no_sync():
                 with autocast(self.device, self.dtype):
@@ -393,15 +403,20 @@ class TrainingLoop:
                 for name, loss in losses.items():
                     if loss is None:
                         continue
-                    scaled = loss / self.spec.grad_accum
+                    scaled = loss / accum
                     if self.scaler is not None:
                         scaled = self.scaler.scale(scaled)
                     # Each loss reaches only its own optimizer's parameters (a GAN generator
                     # loss must not leave gradients on the discriminator).
                     scaled.backward(inputs=slots[name].params)
-                    logs[f"loss/{name}"] = logs.get(f"loss/{name}", 0.0) + loss.detach().float() / self.spec.grad_accum
+                    logs[f"loss/{name}"] = logs.get(f"loss/{name}", 0.0) + loss.detach().float() / accum
             for k, v in micro_logs.items():
-                logs[k] = logs.get(k, 0.0) + v / self.spec.grad_accum
+                logs[k] = logs.get(k, 0.0) + v / accum
+        return logs
+
+    def _apply_gradients(self, slots: dict[str, OptimizerSlot]) -> dict[str, float | torch.Tensor]:
+        """Average over processes, unscale, clip and step each optimizer; grad norms and lrs."""
+        logs: dict[str, float | torch.Tensor] = {}
         for name, slot in slots.items():
             if not slot.ddp:
                 # The mean over ranks before clipping: the clip then sees the gradient of the
@@ -424,17 +439,9 @@ class TrainingLoop:
         if self.dist.active:
             for module in self.stage.modules().values():
                 self.dist.broadcast_batchnorm_stats(module)
-        self.step += 1
-        self.stage.after_step(self.step)
         return logs
 
-    def log(self, record: dict[str, Any]) -> None:
-        if not self.is_main:
-            return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-
+    # the run -----------------------------------------------------------------------------
     def run(self, max_steps: int | None = None) -> int:
         """Train until `max_steps` (default spec.max_steps); checkpoint on the way and at the end.
 
@@ -444,37 +451,55 @@ class TrainingLoop:
         """
         max_steps = max_steps or self.spec.max_steps
         batches = iter(self.stream)
-        start_step, t0, window = self.step, time.perf_counter(), time.perf_counter()
+        start_step = self.step
+        self._started = self._window_start = self.clock()
+        self._window_step = self.step
         try:
             with peer_failures(self.dist):
                 while self.step < max_steps:
                     logs = self.train_step(batches)
-                    log_now = self.step % self.spec.log_every == 0 or self.step == max_steps
-                    if log_now:  # the one device-to-host read of the logs, every log_every steps
-                        logs = self.dist.mean_logs(host_values(logs))
-                    if self.progress and self.is_main:
-                        self.progress(self.step, max_steps, logs if log_now else None)
-                    if log_now:
-                        now = time.perf_counter()
-                        steps_done = self.spec.log_every if self.step % self.spec.log_every == 0 else 1
-                        self.log({"step": self.step, **logs, "steps_per_s": steps_done / max(now - window, 1e-9),
-                                  "elapsed_s": now - t0})
-                        window = now
-                    if self.step != max_steps and self.is_main:
-                        periodic = self.periodic(final=False)
-                        if periodic:
-                            self.log({"step": self.step, **periodic})
-                    if self.step % self.spec.checkpoint_every == 0 and self.step != max_steps:
-                        self.save()
+                    self._report(logs, max_steps)
+                    if self.step != max_steps:
+                        self._evaluate_and_checkpoint_when_due()
         except KeyboardInterrupt:
             if self.step > start_step and not self.dist.active:
                 self.save()
             raise
         self.save()
-        if self.is_main:
+        if self.dist.is_main:
             self.log({"step": self.step, **self.periodic(final=True)})
-        self.sync()
+        self.dist.barrier()
         return self.step
+
+    def _report(self, logs: dict[str, float | torch.Tensor], max_steps: int) -> None:
+        """The progress bar every step; a metrics record every log_every steps and at the end."""
+        log_now = self.step % self.spec.log_every == 0 or self.step == max_steps
+        if log_now:  # the one device-to-host read of the logs, every log_every steps
+            logs = self.dist.mean_logs(host_values(logs))
+        if self.progress and self.dist.is_main:
+            self.progress(self.step, max_steps, logs if log_now else None)
+        if log_now:
+            now = self.clock()
+            # Steps since the last record (or since this process started), not log_every:
+            # a resumed run's first window and a last, short window are partial.
+            steps_per_s = (self.step - self._window_step) / max(now - self._window_start, 1e-9)
+            self.log({"step": self.step, **logs, "steps_per_s": steps_per_s, "elapsed_s": now - self._started})
+            self._window_step, self._window_start = self.step, now
+
+    def _evaluate_and_checkpoint_when_due(self) -> None:
+        if self.dist.is_main:
+            periodic = self.periodic(final=False)
+            if periodic:
+                self.log({"step": self.step, **periodic})
+        if self.step % self.spec.checkpoint_every == 0:
+            self.save()
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
 
     def periodic(self, final: bool) -> dict[str, float]:
         """The stage's evaluation, isolated from the training RNG streams: whether or not a

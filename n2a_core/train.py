@@ -159,6 +159,15 @@ def preview_images(dataset, n: int) -> torch.Tensor:
     return torch.stack([item["image"] for item in first_items(dataset, n)])
 
 
+def resume_and_run(loop: TrainingLoop, title: str, target: int, show_progress: bool) -> None:
+    """Continue `loop` from its last checkpoint (if any) up to step `target`, with a progress bar."""
+    loop.resume()
+    if loop.step < target:
+        with progress_bar(title, target, loop.step, show_progress) as bar:
+            loop.progress = bar
+            loop.run(target)
+
+
 def train_autoencoder_stage(s: Session, max_steps: int | None = None) -> None:
     """Stage 1, resumed from its last checkpoint when there is one; exports weights."""
     spec, ae, dist = s.spec, s.pipeline.autoencoder, s.dist
@@ -172,12 +181,7 @@ def train_autoencoder_stage(s: Session, max_steps: int | None = None) -> None:
     stream = BatchStream(s.splits.train, batch, spec.seed, collate_samples, tspec.num_workers,
                          rank=dist.rank, world_size=dist.world_size)
     loop = TrainingLoop(stage, tspec, stream, s.run.autoencoder, device=s.device, spec_digest=digest, dist=dist)
-    loop.resume()
-    target = max_steps or tspec.max_steps
-    if loop.step < target:
-        with progress_bar("stage 1: autoencoder", target, loop.step, s.show_progress) as bar:
-            loop.progress = bar
-            loop.run(target)
+    resume_and_run(loop, "stage 1: autoencoder", max_steps or tspec.max_steps, s.show_progress)
     if dist.is_main:
         calibration = preview_images(s.splits.train, 64)
         scale = export_autoencoder(ae, calibration.to(s.device), s.run.autoencoder_weights, digest)
@@ -276,12 +280,7 @@ def train_diffusion_stage(s: Session, max_steps: int | None = None) -> Path:
                          tspec.num_workers if not tspec.latent_cache else 0, rank=dist.rank, world_size=dist.world_size)
     loop = TrainingLoop(stage, tspec, stream, s.run.diffusion, device=s.device,
                         spec_digest=spec.digest(*DIFFUSION_FIELDS), dist=dist)
-    loop.resume()
-    target = max_steps or tspec.max_steps
-    if loop.step < target:
-        with progress_bar("stage 2: diffusion", target, loop.step, s.show_progress) as bar:
-            loop.progress = bar
-            loop.run(target)
+    resume_and_run(loop, "stage 2: diffusion", max_steps or tspec.max_steps, s.show_progress)
     return s.run.diffusion
 
 

@@ -138,6 +138,33 @@ def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
         load_checkpoint(path)
 
 
+def test_steps_per_s_counts_the_steps_of_each_window(tmp_path):
+    """Each step takes one second on a fake clock, so every record must say 1.0 step/s,
+    including a resumed run's first, partial window and a last step off the log_every grid."""
+    def make(out):
+        loop = make_loop(out, max_steps=11)
+        loop.spec = loop.spec.model_copy(update={"log_every": 4})
+        clock = {"now": 0.0}
+        real_losses = loop.stage.losses
+
+        def one_second_per_step(batch, step):
+            clock["now"] += 1.0 / loop.spec.grad_accum
+            return real_losses(batch, step)
+
+        loop.stage.losses = one_second_per_step
+        loop.clock = lambda: clock["now"]
+        return loop
+
+    make(tmp_path).run(5)  # logs at 4 and 5 (the end), checkpoints at 5
+    resumed = make(tmp_path)
+    assert resumed.resume() and resumed.step == 5
+    resumed.run(11)  # logs at 8 (3 steps after the resume) and 11 (3 steps after 8)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rates = {r["step"]: r["steps_per_s"] for r in records if "steps_per_s" in r}
+    assert rates == {4: 1.0, 5: 1.0, 8: 1.0, 11: 1.0}
+    assert [r["elapsed_s"] for r in records if "elapsed_s" in r] == [4.0, 5.0, 3.0, 6.0]
+
+
 def test_lr_schedule_shape():
     spec = OptimSpec(max_steps=100, warmup_steps=10, lr_decay="cosine")
     assert lr_factor(0, spec) == pytest.approx(0.1)
