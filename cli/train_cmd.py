@@ -15,8 +15,13 @@ from cli.options import ConfigOption, PresetOption, SetOption, plugin_options, r
 
 OutOption = Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (default: runs/<preset>-<time>).",
                                                  show_default=False)]
-MaxStepsOption = Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.", min=1,
-                                                    show_default=False)]
+MaxStepsOption = Annotated[int | None, typer.Option(
+    help="Stop each stage (autoencoder, then diffusion) after this many optimizer steps, e.g. 3 for a smoke "
+         "test. The learning-rate schedules still follow the spec's max_steps, so --resume without this flag "
+         "continues the run to them.", min=1, show_default=False)]
+AutoencoderMaxStepsOption = Annotated[int | None, typer.Option(
+    "--max-steps", help="Stop stage 1 after this many optimizer steps (the learning-rate schedule still follows "
+                        "autoencoder_training.max_steps).", min=1, show_default=False)]
 ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue the run in --out (default: newest under runs/).")]
 
 
@@ -110,7 +115,7 @@ def train_autoencoder(
     config: ConfigOption = None,
     overrides: SetOption = None,
     out: OutOption = None,
-    max_steps: MaxStepsOption = None,
+    max_steps: AutoencoderMaxStepsOption = None,
     resume: ResumeOption = False,
     preset: PresetOption = "quickstart",
     **plugins: str | None,

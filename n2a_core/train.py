@@ -196,9 +196,9 @@ def stage1_finished(spec: RunSpecBase, run: RunDir) -> bool:
     return finished and run.autoencoder_weights.is_file()
 
 
-def resolve_autoencoder(s: Session, train_if_missing: bool = True) -> None:
+def resolve_autoencoder(s: Session, train_if_missing: bool = True, max_steps: int | None = None) -> None:
     """Give the session's autoencoder trained weights: from `autoencoder_weights`, from
-    this run's stage 1, or by training stage 1 now."""
+    this run's stage 1, or by training stage 1 now (up to `max_steps`, if given)."""
     given = s.spec.autoencoder_weights
     if given:
         path = Path(given)
@@ -210,7 +210,11 @@ def resolve_autoencoder(s: Session, train_if_missing: bool = True) -> None:
         return
     if not train_if_missing:
         raise CheckpointError(f"{s.run.root}: no trained autoencoder; run stage 1 first")
-    train_autoencoder_stage(s)
+    if latest_checkpoint(s.run.diffusion / "checkpoints") is not None and s.is_main:
+        # A run first capped by --max-steps: stage 2 goes on from weights it learnt on the
+        # latents of the earlier, shorter-trained autoencoder.
+        console.print("stage 1 continues although stage 2 has started; stage 2 then resumes on the new latents")
+    train_autoencoder_stage(s, max_steps)
     load_autoencoder_weights(s.pipeline.autoencoder, s.run.autoencoder_weights)
 
 
@@ -304,12 +308,15 @@ def preview_conditions(dataset, conditioner, tspec: DiffusionTrainingSpec, n: in
 
 def train_run(spec: RunSpecBase, out: Path, *, resume: bool = False, max_steps: int | None = None,
               show_progress: bool = True) -> Session:
-    """Train stage 1 (if needed) then stage 2 in `out` (on every process of a torchrun job)."""
+    """Train stage 1 (if needed) then stage 2 in `out` (on every process of a torchrun job).
+
+    `max_steps` stops each stage at that step (a smoke test); the learning-rate schedules
+    still follow the spec's max_steps, so a later --resume without it goes on to them."""
     _, world_size, _ = distributed.launch_env()
     check_batch_sizes(spec, world_size, stage1=False)  # stage 1's in prepare_run
     session = prepare_run(spec, Path(out), resume=resume, show_progress=show_progress)
     if session.pipeline.conditioner is not None:  # before stage 1, not after it
         check_labels(session.pipeline.conditioner, spec.training.preview_labels, "training.preview_labels")
-    resolve_autoencoder(session)
+    resolve_autoencoder(session, max_steps=max_steps)
     train_diffusion_stage(session, max_steps)
     return session

@@ -103,7 +103,8 @@ def test_existing_run_is_not_overwritten(caption_run):
 def test_resumed_pipeline_matches_uninterrupted(tmp_path):
     """Stage 2 stopped at step 2 and resumed to 4 equals a run that went to 4 directly."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = sets("training.p_uncond=0.3", "denoiser.dropout=0.1")
+    # Stage 1 ends at 2 in both runs, so --max-steps 2 stops only stage 2 early.
+    common = sets("training.p_uncond=0.3", "denoiser.dropout=0.1", "autoencoder_training.max_steps=2")
     assert invoke("train", "--conditioner", "class-label", "--out", str(straight), *common).exit_code == 0
     first = invoke("train", "--conditioner", "class-label", "--out", str(resumed), "--max-steps", "2", *common)
     assert first.exit_code == 0, first.output
@@ -115,6 +116,21 @@ def test_resumed_pipeline_matches_uninterrupted(tmp_path):
     for group in ("module.model", "stage.ema"):
         for name, tensor in a[group].items():
             assert torch.equal(tensor, b[group][name]), f"{group}/{name}"
+
+
+def test_max_steps_caps_both_stages_and_resume_goes_on_to_the_spec(tmp_path):
+    """`n2a train --max-steps 1` is a smoke test: one step of each stage, not all of stage 1."""
+    out = tmp_path / "smoke"
+    result = invoke("train", "--conditioner", "none", "--out", str(out), "--max-steps", "1", *sets())
+    assert result.exit_code == 0, result.output
+    assert latest_checkpoint(out / "autoencoder" / "checkpoints").name == "step-00000001"
+    assert (out / "autoencoder" / "weights.safetensors").is_file()
+    assert latest_checkpoint(out / "diffusion" / "checkpoints").name == "step-00000001"
+    again = invoke("train", "--out", str(out), "--resume", *sets())
+    assert again.exit_code == 0, again.output
+    assert "stage 1 continues although stage 2 has started" in again.output
+    assert latest_checkpoint(out / "autoencoder" / "checkpoints").name == "step-00000004"
+    assert latest_checkpoint(out / "diffusion" / "checkpoints").name == "step-00000004"
 
 
 def test_class_label_run_samples_labels(tmp_path):
