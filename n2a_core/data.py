@@ -395,14 +395,32 @@ class SkipCounter:
         self._names.value = "\n".join(state["names"]).encode()[: self._NAME_BYTES - 1]
 
 
+def _skip_counter(dataset: Any) -> SkipCounter | None:
+    """The dataset's counter, also through a Subset (a rank's share counts into its parent's)."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    counter = getattr(dataset, "skipped", None)
+    return counter if isinstance(counter, SkipCounter) else None
+
+
+def start_pass(dataset: Any) -> None:
+    """Forget skips counted outside a pass, so that the pass's report counts each of its
+    unreadable images once: previews and calibration read a few items between passes, and
+    a stage that stops mid-epoch leaves that epoch's count unreported."""
+    counter = _skip_counter(dataset)
+    if counter is not None:
+        counter.reset()
+
+
 def report_skipped(dataset: Any, what: str | None = None) -> str | None:
     """Log one warning line if `dataset` skipped unreadable images this pass, then reset.
 
-    Returns the line (None when nothing was skipped). Call it at the end of an epoch or
-    evaluation pass; datasets without a `skipped` counter report nothing.
+    Returns the line (None when nothing was skipped). Call `start_pass` before a pass
+    and this at its end (an epoch, an evaluation, a cache build); datasets without a
+    `skipped` counter report nothing.
     """
-    counter = getattr(dataset, "skipped", None)
-    if not isinstance(counter, SkipCounter) or counter.count == 0:
+    counter = _skip_counter(dataset)
+    if counter is None or counter.count == 0:
         return None
     names = counter.names
     shown = "; ".join(names[:3]) + ("; …" if counter.count > len(names[:3]) else "")

@@ -38,7 +38,7 @@ from n2a_core.checkpoint import (
     latest_checkpoint, load_checkpoint, optimizer_from_flat, optimizer_to_flat, rng_state,
     save_checkpoint, set_rng_state,
 )
-from n2a_core.data import report_skipped
+from n2a_core.data import report_skipped, start_pass
 from n2a_core.distributed import SINGLE, Dist, peer_failures, rank_seed
 from n2a_core.errors import CheckpointError, DataError
 from n2a_core.specs import OptimSpec
@@ -210,6 +210,7 @@ class BatchStream:
 
     def __iter__(self) -> Iterator[Any]:
         while True:
+            start_pass(self.dataset)
             if self.streamed:
                 loader = self._loader(None)
             else:

@@ -19,7 +19,7 @@ from rich.console import Console
 from n2a_core import distributed
 from n2a_core.checkpoint import latest_checkpoint
 from n2a_core.conditioner import check_labels
-from n2a_core.data import collate_samples, make_grid_image, make_splits, report_skipped
+from n2a_core.data import collate_samples, make_grid_image, make_splits
 from n2a_core.distributed import SINGLE, Dist, DistributedError, local_batch, rank_seed
 from n2a_core.errors import CheckpointError, SpecError
 from n2a_core.latent_cache import cache_key, encode_dataset, load_or_build
@@ -240,16 +240,14 @@ def latent_datasets(s: Session):
         def build(unflipped=unflipped, flip=flip, name=name):
             with progress_bar(f"latent cache ({name})", 1, 0, s.show_progress) as bar:
                 return encode_dataset(ae, unflipped, collate_samples, s.device, flip=flip,
-                                      progress=lambda i, n: bar(i, n))
+                                      progress=lambda i, n: bar(i, n), what=f"latent cache ({name})")
 
         def build_part(rank: int, world_size: int, unflipped=unflipped, flip=flip, name=name):
             n = len(unflipped)
             share = torch.utils.data.Subset(unflipped, range(n * rank // world_size, n * (rank + 1) // world_size))
             with progress_bar(f"latent cache ({name}, rank 0's share)", 1, 0, s.show_progress) as bar:
-                built = encode_dataset(ae, share, collate_samples, s.device, flip=flip,
-                                       progress=lambda i, n: bar(i, n))
-            report_skipped(unflipped, f"latent cache, rank {rank}")
-            return built
+                return encode_dataset(ae, share, collate_samples, s.device, flip=flip,
+                                      progress=lambda i, n: bar(i, n), what=f"latent cache ({name}), rank {rank}")
 
         sharded = not isinstance(unflipped, torch.utils.data.IterableDataset)
         out.append(load_or_build(s.run.cache, key, build, s.dist, build_part if sharded else None))

@@ -133,6 +133,25 @@ def test_max_steps_caps_both_stages_and_resume_goes_on_to_the_spec(tmp_path):
     assert latest_checkpoint(out / "diffusion" / "checkpoints").name == "step-00000004"
 
 
+def test_latent_cache_counts_each_unreadable_image_once(tmp_path, caplog):
+    """Stage 1's unfinished epoch, its previews and its calibration read the two broken
+    files too; the cache's line must count only its own pass: exactly 2."""
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for i in range(22):
+        Image.new("RGB", (16, 16), (10 * i, 255 - 10 * i, 128)).save(folder / f"{i:02d}.png")
+    (folder / "zero.png").write_bytes(b"")
+    (folder / "junk.jpg").write_bytes(b"\x00" * 100)
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="n2a_core"):
+        result = invoke("train", "--data", "imagefolder", "--conditioner", "none", "--out", str(out),
+                        "--max-steps", "1", *sets(f"data.path={folder}", "data.val_fraction=0"))
+    assert result.exit_code == 0, result.output
+    cache_lines = [r.getMessage() for r in caplog.records if "latent cache" in r.getMessage()]
+    assert len(cache_lines) == 1 and "latent cache (train): skipped 2 unreadable images" in cache_lines[0]
+    assert "zero.png" in cache_lines[0] and "junk.jpg" in cache_lines[0]
+
+
 def test_class_label_run_samples_labels(tmp_path):
     out = tmp_path / "labels"
     assert invoke("train", "--conditioner", "class-label", "--out", str(out), *sets()).exit_code == 0

@@ -184,6 +184,36 @@ def test_batch_stream_is_a_permutation_per_epoch_and_disjoint_across_ranks():
 
 
 # -- the diffusion objective ----------------------------------------------------------------
+def test_each_epoch_reports_its_own_unreadable_items_once(caplog):
+    from n2a_core.data import SkipCounter
+
+    class Broken(ToyData):
+        """Items 3 and 7 are unreadable: None, counted as the image datasets do."""
+
+        def __init__(self):
+            super().__init__(n=16)
+            self.skipped = SkipCounter()
+
+        def __getitem__(self, i):
+            if i in (3, 7):
+                self.skipped.add(f"item{i}")
+                return None
+            return super().__getitem__(i)
+
+    def collate(items):
+        return torch.utils.data.default_collate([item for item in items if item is not None])
+
+    data = Broken()
+    _ = [data[i] for i in range(8)]  # a preview read between passes
+    batches = iter(BatchStream(data, 4, seed=0, collate=collate))
+    with caplog.at_level("WARNING", logger="n2a_core"):
+        for _ in range(4 + 4 + 1):  # two whole epochs and the start of a third
+            next(batches)
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(":")[0] for line in lines] == ["epoch 0", "epoch 1"], lines
+    assert all("skipped 2 unreadable images" in line and "item3" in line and "item7" in line for line in lines)
+
+
 def test_add_noise_matches_closed_form():
     schedule = CosineSchedule()
     z0, eps = torch.randn(5, 4, 3, 3), torch.randn(5, 4, 3, 3)
