@@ -125,7 +125,7 @@ def train_autoencoder(
 
     with user_errors():
         spec, out_dir = _run_spec_and_folder(config, overrides, plugins, preset, out, resume)
-        session = prepare_run(spec, out_dir, resume=resume)
+        session = prepare_run(spec, out_dir, resume=resume, stage2=False)
         train_autoencoder_stage(session, max_steps)
 
 

@@ -176,10 +176,10 @@ class BatchStream:
         samples = position["samples"] if "samples" in position else position["batch"] * self.batch_size
         per_micro_step = self.batch_size * self.world_size
         if samples % per_micro_step:
-            raise CheckpointError(
-                f"the checkpoint's data position ({samples} samples into epoch {position['epoch']}) is not a "
-                f"whole number of micro-batches of {per_micro_step} samples; resume with the run's batch_size "
-                "and grad_accum")
+            # The batch size changed on resume: go back to the last whole micro-batch (a few
+            # samples of this epoch are seen twice; the run is no longer exactly resumed).
+            log.warning("batch size changed on resume: epoch %d continues from sample %d, not %d",
+                        position["epoch"], samples // per_micro_step * per_micro_step, samples)
         self.epoch, self.batch_index = position["epoch"], samples // per_micro_step
 
     def epoch_order(self, epoch: int) -> list[int]:
@@ -283,10 +283,12 @@ class TrainingLoop:
     """
 
     def __init__(self, stage: Stage, spec: OptimSpec, stream: BatchStream, out_dir: Path, *,
-                 device: torch.device, spec_digest: str,
+                 device: torch.device, spec_digest: str, earlier_digests: tuple[str, ...] = (),
                  progress: Callable[..., Any] | None = None, dist: Dist = SINGLE):
         self.stage, self.spec, self.stream, self.out_dir = stage, spec, stream, Path(out_dir)
         self.device, self.spec_digest, self.dist, self.progress = device, spec_digest, dist, progress
+        self.earlier_digests = earlier_digests
+        """The same spec's digests under an earlier n2a: checkpoints carrying them resume."""
         self.dtype = autocast_dtype(spec.precision, device)
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         self.step = 0
@@ -336,7 +338,8 @@ class TrainingLoop:
         if path is None:
             return False
         tensors, state = load_checkpoint(path)
-        if state.get("stage") != self.stage.name or state.get("spec_digest") != self.spec_digest:
+        if state.get("stage") != self.stage.name or state.get("spec_digest") not in (self.spec_digest,
+                                                                                   *self.earlier_digests):
             raise CheckpointError(
                 f"{path}: checkpoint was made by a different spec (digest {state.get('spec_digest')}, "
                 f"this run {self.spec_digest}); resume with the run's own spec.yaml or start a new --out"

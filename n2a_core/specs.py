@@ -148,20 +148,26 @@ class RunSpecBase(N2ASpec):
     def component(self, kind: str) -> ComponentSpec | None:
         return getattr(self, kind)
 
-    def digest(self, *fields: str) -> str:
+    def digest(self, *fields: str, operational: frozenset[str] | None = None) -> str:
         """A short stable hash of the given fields (all when none), for cache keys and
-        checkpoint checks. Operational fields (step counts, logging cadence) are left out,
-        so a run can be resumed for longer or logged differently."""
-        data = _without(self.model_dump(mode="json", include=set(fields) if fields else None), OPERATIONAL_FIELDS)
+        checkpoint checks. Operational fields (step counts, batch sizes, logging cadence) are
+        left out, so a run can be resumed for longer, with another batch or logged differently.
+        `operational`: another set to leave out (FORMER_OPERATIONAL_FIELDS for old checkpoints)."""
+        data = _without(self.model_dump(mode="json", include=set(fields) if fields else None),
+                        OPERATIONAL_FIELDS if operational is None else operational)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 OPERATIONAL_FIELDS = frozenset({
     "max_steps", "log_every", "sample_every", "checkpoint_every", "keep_last", "num_workers",
     "val_every", "val_batches", "sample_steps", "preview_captions", "preview_labels", "preview_guidance", "device",
-    # the global batch is fixed; how it is split (processes x accumulation) may change on resume
-    "grad_accum",
+    # how the global batch is split (processes x accumulation) and its size may change on
+    # resume (an error may ask for it); a resume with another batch size is no longer exact
+    "grad_accum", "batch_size",
 })
+FORMER_OPERATIONAL_FIELDS = OPERATIONAL_FIELDS - {"batch_size"}
+"""What digests left out before batch sizes could change on resume: checkpoints written
+then carry digests with them, and still resume."""
 
 
 def _without(data: Any, keys: frozenset[str]) -> Any:

@@ -17,17 +17,20 @@ import torch
 from rich.console import Console
 
 from n2a_core import distributed
-from n2a_core.checkpoint import latest_checkpoint
+from n2a_core.checkpoint import latest_checkpoint, rng_state, set_rng_state
 from n2a_core.conditioner import check_labels
 from n2a_core.data import collate_samples, make_grid_image, make_splits
 from n2a_core.distributed import SINGLE, Dist, DistributedError, local_batch, rank_seed
-from n2a_core.errors import CheckpointError, SpecError
+from n2a_core.diffusion import diffusion_loss
+from n2a_core.errors import CheckpointError, DataError, N2AError, SpecError
 from n2a_core.latent_cache import cache_key, encode_dataset, load_or_build
-from n2a_core.loop import BatchStream, TrainingLoop
+from n2a_core.loop import BatchStream, TrainingLoop, autocast_dtype
 from n2a_core.pipeline import Pipeline, RunDir, build_pipeline
 from n2a_core.plugins import get_registry
 from n2a_core.progress import progress_bar
-from n2a_core.specs import BuildContext, DiffusionTrainingSpec, RunSpecBase, resolve_run_spec
+from n2a_core.specs import (
+    FORMER_OPERATIONAL_FIELDS, BuildContext, DiffusionTrainingSpec, RunSpecBase, resolve_run_spec,
+)
 from n2a_core.train_autoencoder import AutoencoderStage, export_autoencoder, load_autoencoder_weights
 from n2a_core.train_diffusion import DiffusionModel, DiffusionStage
 
@@ -81,24 +84,24 @@ def check_batch_sizes(spec: RunSpecBase, world_size: int, stage1: bool = True, s
         local_batch(spec.training.batch_size, spec.training.grad_accum, world_size, "training.batch_size")
 
 
-def prepare_run(spec: RunSpecBase, out: Path, *, resume: bool, show_progress: bool = True) -> Session:
-    """Check the run folder, load data and build the components; nothing trains yet.
+def prepare_run(spec: RunSpecBase, out: Path, *, resume: bool, show_progress: bool = True,
+                stage2: bool = True) -> Session:
+    """Check the run folder, load data, build the components and check them on one batch
+    (`preflight`); nothing trains yet, and a refused spec leaves no run folder behind.
 
     Under torchrun this joins the process group first; every rank makes the same checks
     (so a refusal stops them all at once), rank 0 writes spec.yaml and labels.json.
+    `stage2` False: only stage 1 will train (`n2a train-autoencoder`).
     """
     run = RunDir(out)
     _, world_size, _ = distributed.launch_env()
-    check_batch_sizes(spec, world_size, stage1=not spec.autoencoder_weights and not stage1_finished(spec, run),
-                      stage2=False)
+    stage1 = not spec.autoencoder_weights and not stage1_finished(spec, run)
+    check_batch_sizes(spec, world_size, stage1=stage1, stage2=False)
     dist, device = distributed.init(spec.device)
     if run.spec_file.is_file():
         if not resume:
             raise SpecError(f"{out}: a run already exists here; pass --resume to continue it or choose another --out")
-        saved = resolve_run_spec(run.read_spec_data())
-        if saved.digest() != spec.digest():
-            raise SpecError(f"{out}: --resume with a spec that differs from the run's spec.yaml; "
-                            f"resume with `--config {run.spec_file}` (you may still change step counts)")
+        check_resumed_spec(spec, run)
     elif resume and out.exists() and any(out.iterdir()):
         raise SpecError(f"{out}: --resume but no spec.yaml in this folder; is it an n2a run?")
     dist.barrier()  # every rank has looked before rank 0 writes spec.yaml
@@ -108,8 +111,8 @@ def prepare_run(spec: RunSpecBase, out: Path, *, resume: bool, show_progress: bo
         source = registry.build("data", spec.data, BuildContext(device=device))
         splits = make_splits(source, spec.data)
     labels = splits.vocabulary.labels if splits.vocabulary is not None else None
-    if run.labels_file.is_file():
-        labels = run.read_labels()  # the run's vocabulary is fixed at its start
+    if run.labels_file.is_file() and started_stages(run):
+        labels = run.read_labels()  # the run's vocabulary is fixed once it trains
     pipeline = build_pipeline(spec, vocabulary=labels, device=device, cache_dir=run.cache)
     for module in (pipeline.autoencoder, pipeline.denoiser, pipeline.conditioner):
         if module is not None:
@@ -119,6 +122,7 @@ def prepare_run(spec: RunSpecBase, out: Path, *, resume: bool, show_progress: bo
         pipeline.autoencoder.check_image_size(size, size)
     except ValueError as exc:
         raise SpecError(f"data.image_size: {exc}") from None
+    preflight(spec, pipeline, splits, device, stage1=stage1, stage2=stage2)
     if dist.is_main:
         run.write_spec(spec)
         run.write_labels(labels)
@@ -129,6 +133,107 @@ def prepare_run(spec: RunSpecBase, out: Path, *, resume: bool, show_progress: bo
     if dist.rank:
         seed_everything(rank_seed(spec.seed, dist.rank))  # own dropout masks and flips from here on
     return Session(spec, run, device, pipeline, splits, show_progress and dist.is_main, dist)
+
+
+def started_stages(run: RunDir) -> list[str]:
+    """The stages of this run that have trained (a checkpoint or exported weights)."""
+    started = []
+    if latest_checkpoint(run.autoencoder / "checkpoints") is not None or run.autoencoder_weights.is_file():
+        started.append("stage 1")
+    if latest_checkpoint(run.diffusion / "checkpoints") is not None:
+        started.append("stage 2")
+    return started
+
+
+def check_resumed_spec(spec: RunSpecBase, run: RunDir) -> None:
+    """A resumed run may change anything a stage that has not trained yet uses (the fix a
+    refusal asked for, say a denoiser that fits the latents), and step counts, batch sizes
+    and logging anywhere; what a trained stage was made with stays."""
+    saved = resolve_run_spec(run.read_spec_data())
+    locked = {"stage 1": AUTOENCODER_FIELDS, "stage 2": (*DIFFUSION_FIELDS, "autoencoder_weights")}
+    for stage in started_stages(run):
+        changed = [f for f in locked[stage] if saved.digest(f) != spec.digest(f)]
+        if changed:
+            raise SpecError(
+                f"{run.root}: --resume changes {', '.join(changed)}, which {stage} has already trained with; "
+                f"resume with `--config {run.spec_file}` (you may change step counts, batch sizes and "
+                "logging) or start a new --out")
+
+
+# -- checks before any training --------------------------------------------------------------
+def preflight(spec: RunSpecBase, p: Pipeline, splits, device: torch.device, *, stage1: bool, stage2: bool) -> None:
+    """What would otherwise stop a run after hours of stage 1, checked before its first
+    optimizer step: the training split against both global batches, precision against the
+    device, preview labels, and one tiny batch through autoencoder -> conditioner ->
+    denoiser -> loss -> sampler.
+
+    The modules run in eval mode without gradients and the global RNGs are restored, so a
+    run trains exactly as it would without the check.
+    """
+    sections = ([("autoencoder_training", spec.autoencoder_training)] if stage1 else []) + (
+        [("training", spec.training)] if stage2 else [])
+    for name, tspec in sections:
+        if has_items(splits.train) and not isinstance(splits.train, torch.utils.data.IterableDataset):
+            if len(splits.train) < tspec.batch_size:
+                raise DataError(f"{name}.batch_size: the training split has {len(splits.train)} samples, fewer "
+                                f"than one global batch of {tspec.batch_size}; lower {name}.batch_size or add data")
+        try:
+            autocast_dtype(tspec.precision, device)
+        except ValueError as exc:
+            raise SpecError(f"{name}.precision: {exc}") from None
+    if stage2 and p.conditioner is not None:
+        check_labels(p.conditioner, spec.training.preview_labels, "training.preview_labels")
+    modules = [m for m in (p.autoencoder, p.denoiser, p.conditioner) if m is not None]
+    modes = [m.training for m in modules]
+    rng = rng_state()
+    try:
+        for module in modules:
+            module.eval()
+        with torch.no_grad():
+            one_batch_through(spec, p, splits, device, stage2)
+    finally:
+        set_rng_state(*rng)
+        for module, mode in zip(modules, modes, strict=True):
+            module.train(mode)
+
+
+def one_batch_through(spec: RunSpecBase, p: Pipeline, splits, device: torch.device, stage2: bool) -> None:
+    """Two training images through every component; an error names the component."""
+    items = first_items(splits.train, 2)
+    if not items:
+        raise DataError(f"data ({splits.source_name}): no readable image in the training split")
+    size = spec.data.image_size
+    where, latents = "autoencoder", ""
+    try:
+        images = collate_samples(items)["image"].to(device)
+        z = p.autoencoder.encode(images)
+        latents = f" -> latents {'x'.join(map(str, z.shape[1:]))}"
+        decoded = p.autoencoder.decode(z)
+        if decoded.shape != images.shape:
+            raise SpecError(f"decodes images of {tuple(images.shape[1:])} to {tuple(decoded.shape[1:])}; "
+                            "check the autoencoder section")
+        if not stage2:
+            return
+        where = "conditioner"
+        model = DiffusionModel(p.denoiser, p.conditioner)
+        cond, missing = model.embed([item[p.conditioner.field] for item in items] if p.conditioner else [])
+        cond = cond.to(device) if cond is not None else None
+        drop = missing.to(device) if missing is not None else None
+        where = "denoiser"
+        diffusion_loss(p.denoiser, p.schedule, z.float(), cond, drop, torch.Generator().manual_seed(0),
+                       spec.training.min_snr_gamma)
+        if p.sampler is not None:
+            where = "sampler"  # two steps: the sampler fits the denoiser; the grids' length is no question
+            guidance = spec.training.preview_guidance if cond is not None else 0.0
+            p.sampler.sample(p.denoiser, p.schedule, (1, *z.shape[1:]), cond=cond[:1] if cond is not None else None,
+                             guidance=guidance, steps=min(2, spec.training.sample_steps), generator=torch.Generator())
+    except N2AError as exc:
+        raise type(exc)(f"{where} (one batch checked before training, data.image_size {size}{latents}): "
+                        f"{exc}") from None
+    except (RuntimeError, ValueError) as exc:  # a plugin's shape mismatch inside torch
+        first = (str(exc).splitlines() or [""])[0]
+        raise SpecError(f"{where} (one batch checked before training, data.image_size {size}{latents}): "
+                        f"{type(exc).__name__}: {first}; check the {where} section of the spec") from exc
 
 
 def first_items(dataset, n: int) -> list[dict]:
@@ -180,7 +285,9 @@ def train_autoencoder_stage(s: Session, max_steps: int | None = None) -> None:
     dist.broadcast_module(ae)  # replicas start equal (the loop averages their gradients)
     stream = BatchStream(s.splits.train, batch, spec.seed, collate_samples, tspec.num_workers,
                          rank=dist.rank, world_size=dist.world_size)
-    loop = TrainingLoop(stage, tspec, stream, s.run.autoencoder, device=s.device, spec_digest=digest, dist=dist)
+    loop = TrainingLoop(stage, tspec, stream, s.run.autoencoder, device=s.device, spec_digest=digest,
+                        earlier_digests=(spec.digest(*AUTOENCODER_FIELDS, operational=FORMER_OPERATIONAL_FIELDS),),
+                        dist=dist)
     resume_and_run(loop, "stage 1: autoencoder", max_steps or tspec.max_steps, s.show_progress)
     if dist.is_main:
         calibration = preview_images(s.splits.train, 64)
@@ -281,7 +388,9 @@ def train_diffusion_stage(s: Session, max_steps: int | None = None) -> Path:
     stream = BatchStream(train_data, batch, spec.seed, collate_latents,
                          tspec.num_workers if not tspec.latent_cache else 0, rank=dist.rank, world_size=dist.world_size)
     loop = TrainingLoop(stage, tspec, stream, s.run.diffusion, device=s.device,
-                        spec_digest=spec.digest(*DIFFUSION_FIELDS), dist=dist)
+                        spec_digest=spec.digest(*DIFFUSION_FIELDS),
+                        earlier_digests=(spec.digest(*DIFFUSION_FIELDS, operational=FORMER_OPERATIONAL_FIELDS),),
+                        dist=dist)
     resume_and_run(loop, "stage 2: diffusion", max_steps or tspec.max_steps, s.show_progress)
     return s.run.diffusion
 
@@ -313,8 +422,6 @@ def train_run(spec: RunSpecBase, out: Path, *, resume: bool = False, max_steps: 
     _, world_size, _ = distributed.launch_env()
     check_batch_sizes(spec, world_size, stage1=False)  # stage 1's in prepare_run
     session = prepare_run(spec, Path(out), resume=resume, show_progress=show_progress)
-    if session.pipeline.conditioner is not None:  # before stage 1, not after it
-        check_labels(session.pipeline.conditioner, spec.training.preview_labels, "training.preview_labels")
     resolve_autoencoder(session, max_steps=max_steps)
     train_diffusion_stage(session, max_steps)
     return session

@@ -152,6 +152,44 @@ def test_latent_cache_counts_each_unreadable_image_once(tmp_path, caplog):
     assert "zero.png" in cache_lines[0] and "junk.jpg" in cache_lines[0]
 
 
+@pytest.mark.parametrize("extra, message", [
+    # 24 px -> 6x6 latents (f=4), which a three-level UNet cannot halve twice
+    (("data.image_size=24", "denoiser.channel_mult=[1,2,2]"),
+     "denoiser (one batch checked before training, data.image_size 24 -> latents 4x6x6): unet: latent size "
+     "(6, 6) is not divisible by 4"),
+    (("training.batch_size=64",), "training.batch_size: the training split has"),
+    (("autoencoder_training.batch_size=64",), "autoencoder_training.batch_size: the training split has"),
+    (("training.precision=fp16",), "training.precision: precision fp16 needs a CUDA device"),
+])
+def test_mistakes_stage_two_would_meet_stop_the_run_before_stage_one(tmp_path, extra, message):
+    if "fp16" in message and torch.cuda.is_available():
+        pytest.skip("fp16 is fine on CUDA")
+    out = tmp_path / "run"
+    result = invoke("train", "--conditioner", "none", "--out", str(out), *sets(*extra))
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()  # refused before anything was written or trained
+
+
+def test_resume_accepts_what_a_refusal_asks_to_change(tmp_path):
+    """Stage 1 trained; stage 2 may still get another denoiser and batch size on --resume.
+    Once stage 2 has trained, its batch size may change, its denoiser may not."""
+    out = tmp_path / "run"
+    args = ("--conditioner", "none", "--out", str(out))
+    assert invoke("train-autoencoder", *args, *sets()).exit_code == 0
+    result = invoke("train", *args, "--resume", "--max-steps", "2",
+                    *sets("denoiser.channel_mult=[1,1]", "training.batch_size=4"))
+    assert result.exit_code == 0, result.output
+    assert latest_checkpoint(out / "diffusion" / "checkpoints").name == "step-00000002"
+    result = invoke("train", *args, "--resume", *sets("denoiser.channel_mult=[1,1]", "training.batch_size=12"))
+    assert result.exit_code == 0, result.output
+    _, state = load_checkpoint(latest_checkpoint(out / "diffusion" / "checkpoints"))
+    # 2 steps of 4 samples left the epoch at sample 8, inside a batch of 12: it goes back to 0
+    assert state["step"] == 4 and state["data"]["samples"] == 2 * 12
+    refused = invoke("train", *args, "--resume", *sets("denoiser.channel_mult=[1,2]"))
+    assert refused.exit_code == 1 and "changes denoiser, which stage 2 has already trained with" in refused.output
+
+
 def test_class_label_run_samples_labels(tmp_path):
     out = tmp_path / "labels"
     assert invoke("train", "--conditioner", "class-label", "--out", str(out), *sets()).exit_code == 0

@@ -319,6 +319,17 @@ def test_digest_is_stable_and_changes_with_a_field(registry):
     assert a.digest("schedule", "seed") != a.digest("schedule")
 
 
+def test_batch_sizes_may_change_on_resume_and_old_digests_stay_known(registry):
+    from n2a_core.specs import FORMER_OPERATIONAL_FIELDS
+
+    a = resolve_run_spec({}, overrides=["training.batch_size=32"])
+    b = resolve_run_spec({}, overrides=["training.batch_size=64", "autoencoder_training.batch_size=8"])
+    assert a.digest() == b.digest() and a.digest("training") == b.digest("training")
+    # the digests runs started before carry in their checkpoints still tell the batch sizes apart
+    old = [s.digest("training", operational=FORMER_OPERATIONAL_FIELDS) for s in (a, b)]
+    assert old[0] != old[1] and old[0] != a.digest("training")
+
+
 def test_digest_is_the_same_in_another_process(registry):
     """Cache keys outlive the process: no hash randomization may leak into the digest."""
     overrides = ["schedule.num_timesteps=10", "training.lr=0.125"]

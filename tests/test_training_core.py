@@ -106,6 +106,13 @@ def test_checkpoint_from_another_spec_is_refused(tmp_path):
         other.resume()
 
 
+def test_checkpoint_with_an_earlier_digest_of_the_same_spec_resumes(tmp_path):
+    make_loop(tmp_path, max_steps=5, digest="old-hashing").run()
+    loop = make_loop(tmp_path, digest="new-hashing")
+    loop.earlier_digests = ("old-hashing",)
+    assert loop.resume() and loop.step == 5
+
+
 def test_keep_last_and_latest_pointer(tmp_path):
     make_loop(tmp_path, max_steps=15).run()
     kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
