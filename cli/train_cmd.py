@@ -22,6 +22,10 @@ MaxStepsOption = Annotated[int | None, typer.Option(
 AutoencoderMaxStepsOption = Annotated[int | None, typer.Option(
     "--max-steps", help="Stop stage 1 after this many optimizer steps (the learning-rate schedule still follows "
                         "autoencoder_training.max_steps).", min=1, show_default=False)]
+TimeBudgetOption = Annotated[str | None, typer.Option(
+    "--time-budget", help="Train for this long instead of to max_steps, e.g. 30m, 2h, 1h30m (sets the spec's "
+    "time_budget): stage 1 gets autoencoder_time_share (default 0.4) of it, stage 2 the rest; learning-rate and "
+    "EMA schedules follow the fraction used; --resume counts the time already spent.", show_default=False)]
 ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue the run in --out (default: newest under runs/).")]
 
 
@@ -67,6 +71,7 @@ def train(
     overrides: SetOption = None,
     out: OutOption = None,
     max_steps: MaxStepsOption = None,
+    time_budget: TimeBudgetOption = None,
     resume: ResumeOption = False,
     preset: PresetOption = "quickstart",
     **plugins: str | None,
@@ -78,6 +83,8 @@ def train(
     """
     from n2a_core.training.run import train_run
 
+    if time_budget is not None:
+        overrides = [*(overrides or []), f"time_budget={time_budget}"]
     with user_errors():
         spec, out_dir = _run_spec_and_folder(config, overrides, plugins, preset, out, resume)
         started = time.perf_counter()

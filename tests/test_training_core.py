@@ -173,6 +173,53 @@ def test_steps_per_s_counts_the_steps_of_each_window(tmp_path):
     assert [r["elapsed_s"] for r in records if "elapsed_s" in r] == [4.0, 5.0, 3.0, 6.0]
 
 
+def make_timed_loop(out, budget_s, clock_start=0.0):
+    """A loop with a time budget on a fake clock where every step takes one second; the
+    spec's max_steps (100) only gives the schedules' shape."""
+    loop = make_loop(out, max_steps=100)
+    loop.spec = loop.spec.model_copy(update={"warmup_steps": 10, "lr_decay": "linear", "log_every": 1})
+    clock = {"now": clock_start}
+    real_losses = loop.stage.losses
+
+    def one_second_per_step(batch, step):
+        clock["now"] += 1.0 / loop.spec.grad_accum
+        return real_losses(batch, step)
+
+    loop.stage.losses = one_second_per_step
+    loop.clock = lambda: clock["now"]
+    loop.budget_s = budget_s
+    return loop
+
+
+def test_time_budget_ends_the_stage_and_the_schedules_follow_the_fraction_used(tmp_path):
+    loop = make_timed_loop(tmp_path, budget_s=10.0)
+    loop.run()
+    assert loop.step == 10  # ten one-second steps, not the spec's 100
+    _, state = load_checkpoint(latest_checkpoint(tmp_path / "checkpoints"))
+    assert state["step"] == 10 and state["spent_s"] == 10.0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr/model"] for r in records if "lr/model" in r]
+    # step k starts when k-1 of the 10 seconds are spent: schedule position (k-1)/10 of 100 steps
+    assert lrs == pytest.approx([1e-2 * lr_factor((k - 1) * 10, loop.spec) for k in range(1, 11)])
+    assert lrs[0] == pytest.approx(1e-3) and lrs[1] == pytest.approx(1e-2)  # warm-up: a tenth of the budget
+    assert lrs[-1] < lrs[1]  # and the linear decay ran over the rest
+
+
+def test_time_budget_resume_counts_the_time_already_spent(tmp_path):
+    straight = make_timed_loop(tmp_path / "a", budget_s=10.0)
+    straight.run()
+    first = make_timed_loop(tmp_path / "b", budget_s=10.0)
+    first.run(4)  # stopped after 4 of the 10 seconds (here by a step cap)
+    torch.manual_seed(999)
+    resumed = make_timed_loop(tmp_path / "b", budget_s=10.0, clock_start=5000.0)  # a new process's clock
+    assert resumed.resume() and resumed.spent_before == 4.0
+    resumed.run()
+    assert resumed.step == 10
+    for (k, a), b in zip(straight.stage.model.state_dict().items(), resumed.stage.model.state_dict().values(),
+                         strict=True):
+        assert torch.equal(a, b), k
+
+
 def test_lr_schedule_shape():
     spec = OptimSpec(max_steps=100, warmup_steps=10, lr_decay="cosine")
     assert lr_factor(0, spec) == pytest.approx(0.1)

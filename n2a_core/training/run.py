@@ -8,6 +8,7 @@ run folder, and the others wait where they need what it wrote.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,13 +266,41 @@ def preview_images(dataset, n: int) -> torch.Tensor:
     return torch.stack([item["image"] for item in first_items(dataset, n)])
 
 
-def resume_and_run(loop: TrainingLoop, title: str, target: int, show_progress: bool) -> None:
-    """Continue `loop` from its last checkpoint (if any) up to step `target`, with a progress bar."""
+def resume_and_run(loop: TrainingLoop, title: str, max_steps: int | None, budget_s: float | None,
+                   show_progress: bool) -> None:
+    """Continue `loop` from its last checkpoint (if any) up to step `max_steps` (None: the
+    spec's) or, with a time budget, until `budget_s` seconds are spent; with a progress bar."""
+    loop.budget_s = budget_s
+    target = max_steps or (None if budget_s is not None else loop.spec.max_steps)
     loop.resume()
-    if loop.step < target:
-        with progress_bar(title, target, loop.step, show_progress) as bar:
+    if not loop.done(target):
+        if budget_s is not None:
+            title = f"{title} ({budget_s / 60:.1f} min budget, per mille)"
+        done, total = loop.progress_position(target)
+        with progress_bar(title, total, done, show_progress) as bar:
             loop.progress = bar
             loop.run(target)
+
+
+def stage_budgets(spec: RunSpecBase, run: RunDir) -> tuple[float | None, float | None]:
+    """Seconds for stage 1 and stage 2 (None, None without a time budget): stage 1 gets
+    autoencoder_time_share of time_budget, stage 2 what stage 1 left (all of it when this run
+    trains no autoencoder). The latent cache and the final grid come on top."""
+    if spec.time_budget is None:
+        return None, None
+    if spec.autoencoder_weights:
+        return 0.0, spec.time_budget
+    stage1 = spec.time_budget * spec.autoencoder_time_share
+    spent = checkpoint_spent_s(run.autoencoder / "checkpoints")
+    return stage1, spec.time_budget - min(spent if spent is not None else stage1, spec.time_budget)
+
+
+def checkpoint_spent_s(checkpoint_dir: Path) -> float | None:
+    """Seconds the stage had trained at its latest checkpoint (None: no checkpoint)."""
+    last = latest_checkpoint(checkpoint_dir)
+    if last is None:
+        return None
+    return float(json.loads((last / "state.json").read_text()).get("spent_s", 0.0))
 
 
 def train_autoencoder_stage(s: Session, max_steps: int | None = None) -> None:
@@ -289,7 +318,7 @@ def train_autoencoder_stage(s: Session, max_steps: int | None = None) -> None:
     loop = TrainingLoop(stage, tspec, stream, s.run.autoencoder, device=s.device, spec_digest=digest,
                         earlier_digests=(spec.digest(*AUTOENCODER_FIELDS, operational=FORMER_OPERATIONAL_FIELDS),),
                         dist=dist)
-    resume_and_run(loop, "stage 1: autoencoder", max_steps or tspec.max_steps, s.show_progress)
+    resume_and_run(loop, "stage 1: autoencoder", max_steps, stage_budgets(spec, s.run)[0], s.show_progress)
     if dist.is_main:
         calibration = preview_images(s.splits.train, 64)
         scale = export_autoencoder(ae, calibration.to(s.device), s.run.autoencoder_weights, digest)
@@ -298,10 +327,14 @@ def train_autoencoder_stage(s: Session, max_steps: int | None = None) -> None:
 
 
 def stage1_finished(spec: RunSpecBase, run: RunDir) -> bool:
-    """Has this run's stage 1 reached its max_steps and exported its weights?"""
+    """Has this run's stage 1 reached its max_steps (or spent its time budget) and exported
+    its weights?"""
     last = latest_checkpoint(run.autoencoder / "checkpoints")
-    finished = last is not None and int(last.name.split("-")[1]) >= spec.autoencoder_training.max_steps
-    return finished and run.autoencoder_weights.is_file()
+    if last is None or not run.autoencoder_weights.is_file():
+        return False
+    if spec.time_budget is not None:
+        return checkpoint_spent_s(run.autoencoder / "checkpoints") >= stage_budgets(spec, run)[0]
+    return int(last.name.split("-")[1]) >= spec.autoencoder_training.max_steps
 
 
 def resolve_autoencoder(s: Session, train_if_missing: bool = True, max_steps: int | None = None) -> None:
@@ -392,7 +425,7 @@ def train_diffusion_stage(s: Session, max_steps: int | None = None) -> Path:
                         spec_digest=spec.digest(*DIFFUSION_FIELDS),
                         earlier_digests=(spec.digest(*DIFFUSION_FIELDS, operational=FORMER_OPERATIONAL_FIELDS),),
                         dist=dist)
-    resume_and_run(loop, "stage 2: diffusion", max_steps or tspec.max_steps, s.show_progress)
+    resume_and_run(loop, "stage 2: diffusion", max_steps, stage_budgets(spec, s.run)[1], s.show_progress)
     return s.run.diffusion
 
 
