@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from n2a_core.checkpoint import (
-    latest_checkpoint, load_checkpoint, optimizer_from_flat, optimizer_to_flat, rng_state,
+    load_checkpoint, load_latest_checkpoint, optimizer_from_flat, optimizer_to_flat, rng_state,
     save_checkpoint, set_rng_state,
 )
 from n2a_core.data import report_skipped
@@ -326,8 +326,12 @@ class TrainingLoop:
         return path
 
     def resume(self, path: Path | None = None) -> bool:
-        """Load the latest (or the given) checkpoint; False when there is none."""
-        path = path or latest_checkpoint(self.checkpoint_dir)
+        """Load the given checkpoint, else the newest one that loads (a damaged newer one is
+        skipped with a warning, and set aside by rank 0); False when there is none."""
+        found = None
+        if path is None and self.dist.is_main:
+            found = load_latest_checkpoint(self.checkpoint_dir, set_aside_damaged=True)
+            path = found[0] if found else None
         if self.dist.active:
             # Rank 0 decides, so that every rank resumes from the same step.
             chosen = self.dist.broadcast_object(None if path is None else str(path))
@@ -337,7 +341,7 @@ class TrainingLoop:
             path = None if chosen is None else Path(chosen)
         if path is None:
             return False
-        tensors, state = load_checkpoint(path)
+        tensors, state = found[1:] if found else load_checkpoint(path)
         if state.get("stage") != self.stage.name or state.get("spec_digest") != self.spec_digest:
             raise CheckpointError(
                 f"{path}: checkpoint was made by a different spec (digest {state.get('spec_digest')}, "
