@@ -41,6 +41,7 @@ from n2a_core.checkpoint import (
 from n2a_core.data import report_skipped
 from n2a_core.distributed import SINGLE, Dist, peer_failures, rank_seed
 from n2a_core.errors import CheckpointError, DataError
+from n2a_core.safe_files import write_atomic
 from n2a_core.specs import OptimSpec
 
 log = logging.getLogger(__name__)
@@ -252,6 +253,23 @@ def host_values(logs: dict[str, float | torch.Tensor]) -> dict[str, float]:
     return {**logs, **dict(zip(keys, values, strict=True))}
 
 
+def trim_log(path: Path, step: int) -> None:
+    """Keep a resumed run's log as one run would have written it: drop the records a killed
+    process wrote after `step` (the resumed run logs those steps again) and a line the kill
+    cut short."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    write_atomic(path, "".join(kept))
+
+
 # -- precision -----------------------------------------------------------------------------
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for a precision setting on a device (None: plain fp32)."""
@@ -354,6 +372,8 @@ class TrainingLoop:
         self.stage.load_state({k[len("stage."):]: v for k, v in tensors.items() if k.startswith("stage.")},
                               state["stage_state"])
         self.step = int(state["step"])
+        if self.is_main:
+            trim_log(self.out_dir / "metrics.jsonl", self.step)
         self._load_rank_state(tensors, state)
         self.stream.restore(state["data"])
         return True

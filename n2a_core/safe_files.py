@@ -26,13 +26,9 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
-from n2a_core.errors import N2AError
+from n2a_core.errors import N2AError, RunLockedError
 
 TEMP_SUFFIX = ".n2a-tmp"
-
-
-class RunLockedError(N2AError):
-    """Another process trains in the run folder."""
 
 
 # -- unique names ------------------------------------------------------------------------
@@ -187,7 +183,8 @@ class RunLock:
             raise RunLockedError(f"{self.root}: {self.holder()} is training in this run folder; "
                                  "wait for it to finish (or stop it), or choose another --out")
         note = {"pid": os.getpid(), "host": socket.gethostname(),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "python"}
         os.ftruncate(self.lock.fd, 0)
         os.lseek(self.lock.fd, 0, os.SEEK_SET)
         os.write(self.lock.fd, (json.dumps(note) + "\n").encode())

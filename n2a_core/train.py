@@ -21,13 +21,13 @@ from n2a_core.checkpoint import latest_checkpoint, remove_partial_saves
 from n2a_core.conditioner import check_labels
 from n2a_core.data import collate_samples, make_grid_image, make_splits, report_skipped
 from n2a_core.distributed import SINGLE, Dist, DistributedError, local_batch, rank_seed
-from n2a_core.errors import CheckpointError, SpecError
+from n2a_core.errors import CheckpointError, RunLockedError, SpecError
 from n2a_core.latent_cache import cache_key, encode_dataset, load_or_build
 from n2a_core.loop import BatchStream, TrainingLoop
 from n2a_core.pipeline import Pipeline, RunDir, build_pipeline
 from n2a_core.plugins import get_registry
 from n2a_core.progress import progress_bar
-from n2a_core.safe_files import RunLock, RunLockedError, remove_leftovers
+from n2a_core.safe_files import RunLock, remove_leftovers
 from n2a_core.specs import BuildContext, DiffusionTrainingSpec, RunSpecBase, resolve_run_spec
 from n2a_core.train_autoencoder import AutoencoderStage, export_autoencoder, load_autoencoder_weights
 from n2a_core.train_diffusion import DiffusionModel, DiffusionStage
@@ -98,9 +98,6 @@ def check_batch_sizes(spec: RunSpecBase, world_size: int, stage1: bool = True, s
 def lock_run_folder(run: RunDir, dist: Dist, resume: bool) -> RunLock | None:
     """Take the run folder's lock (rank 0; every rank stops if it cannot) and clear what
     killed processes left in it. None on the other ranks."""
-    if resume and not run.spec_file.is_file():
-        raise SpecError(f"{run.root}: --resume, but this folder holds no run (no spec.yaml); "
-                        "drop --resume to start a new run here")
     lock, refusal = None, None
     if dist.is_main:
         lock = RunLock(run.root)
@@ -111,6 +108,11 @@ def lock_run_folder(run: RunDir, dist: Dist, resume: bool) -> RunLock | None:
     refusal = dist.broadcast_object(refusal)
     if refusal:
         raise RunLockedError(refusal if dist.is_main else f"rank {dist.rank}: {refusal}")
+    if resume and not run.spec_file.is_file():
+        if lock is not None:
+            lock.release()
+        raise SpecError(f"{run.root}: --resume, but this folder holds no run (no spec.yaml); "
+                        "drop --resume to start a new run here")
     if lock is not None:  # no other process writes here now: every leftover is debris
         for folder in (run.root, run.autoencoder, run.diffusion, run.cache):
             remove_leftovers(folder)

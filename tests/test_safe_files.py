@@ -20,9 +20,9 @@ from n2a_core.checkpoint import (
     load_checkpoint, load_latest_checkpoint, remove_partial_saves, save_checkpoint,
 )
 from n2a_core.data import make_grid_image
-from n2a_core.errors import CheckpointError
+from n2a_core.errors import CheckpointError, RunLockedError
 from n2a_core.generate import SampleWriter, new_samples_folder
-from n2a_core.safe_files import RunLock, RunLockedError, new_folder, write_atomic
+from n2a_core.safe_files import RunLock, new_folder, write_atomic
 
 # Other processes are forked: they start at once with everything imported (a fresh Python
 # takes 15 s to import torch on a busy 2-core machine). POSIX only, like SIGKILL.
