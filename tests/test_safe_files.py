@@ -19,7 +19,7 @@ from PIL import Image
 from n2a_core.checkpoint import (
     load_checkpoint, load_latest_checkpoint, remove_partial_saves, save_checkpoint,
 )
-from n2a_core.data import make_grid_image
+from n2a_core.images import make_grid_image
 from n2a_core.errors import CheckpointError, RunLockedError
 from n2a_core.generate import SampleWriter, new_samples_folder
 from n2a_core.safe_files import RunLock, new_folder, write_atomic
