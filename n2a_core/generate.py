@@ -204,9 +204,3 @@ class SampleWriter:
             return path
         raise SpecError(f"{self.out_dir}: no free grid-N.png name; clean up the folder")
 
-
-def write_samples(images: torch.Tensor, records: list[dict], out_dir: Path, nrow: int | None = None) -> Path:
-    """Every image (PNG with metadata + samples.jsonl line), then the grid; see SampleWriter."""
-    writer = SampleWriter(out_dir, records)
-    writer(images)
-    return writer.write_grid(images, nrow)
