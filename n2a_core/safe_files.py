@@ -17,7 +17,9 @@ n2a_core.checkpoint), so the next holder of the run lock can remove them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
 import secrets
 import socket
@@ -26,9 +28,11 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
-from n2a_core.errors import N2AError, RunLockedError
+from n2a_core.errors import N2AError, RunLockedError, SpecError
 
 TEMP_SUFFIX = ".n2a-tmp"
+
+log = logging.getLogger("n2a.files")
 
 
 # -- unique names ------------------------------------------------------------------------
@@ -134,7 +138,12 @@ class FileLock:
     def acquire(self, blocking: bool = True) -> bool:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            if not _try_lock(fd, blocking):
+            try:
+                locked = _try_lock(fd, blocking)
+            except BaseException:
+                os.close(fd)
+                raise
+            if not locked:
                 os.close(fd)
                 return False
             try:
@@ -178,8 +187,17 @@ class RunLock:
     def acquire(self) -> None:
         """Take the lock or raise RunLockedError naming the holder; never waits."""
         self.created = not self.root.exists()
-        self.root.mkdir(parents=True, exist_ok=True)
-        if not self.lock.acquire(blocking=False):
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            got = self.lock.acquire(blocking=False)
+        except OSError as exc:
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                log.warning("%s: this filesystem cannot lock files (%s); training unlocked: make sure "
+                            "no other process trains in this folder", self.root, exc.strerror)
+                return
+            raise SpecError(f"{self.root}: cannot lock the run folder ({exc.strerror or exc}); "
+                            "--out must be a folder you can write to") from None
+        if not got:
             raise RunLockedError(f"{self.root}: {self.holder()} is training in this run folder; "
                                  "wait for it to finish (or stop it), or choose another --out")
         note = {"pid": os.getpid(), "host": socket.gethostname(),

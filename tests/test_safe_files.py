@@ -3,6 +3,7 @@ training anything: what keeps concurrent processes and `kill -9` from costing fi
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from n2a_core.checkpoint import (
     load_checkpoint, load_latest_checkpoint, remove_partial_saves, save_checkpoint,
 )
 from n2a_core.images import make_grid_image
-from n2a_core.errors import CheckpointError, RunLockedError
+from n2a_core.errors import CheckpointError, RunLockedError, SpecError
 from n2a_core.generate import SampleWriter, new_samples_folder
 from n2a_core.safe_files import RunLock, new_folder, write_atomic
 
@@ -86,6 +87,24 @@ def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path):
     lock.acquire()
     lock.release()
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.EACCES])
+def test_a_folder_that_cannot_be_locked_warns_or_refuses_in_one_line(tmp_path, monkeypatch, caplog, code):
+    import n2a_core.safe_files as safe_files
+
+    def refuse(fd, blocking):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(safe_files, "_try_lock", refuse)
+    lock = RunLock(tmp_path / "run")
+    if code == errno.ENOLCK:  # a filesystem without locks: train, but say so
+        with caplog.at_level(logging.WARNING, logger="n2a.files"):
+            lock.acquire()
+        assert not lock.held and "cannot lock files" in caplog.text
+    else:
+        with pytest.raises(SpecError, match="cannot lock the run folder .*--out must be a folder you can write to"):
+            lock.acquire()
 
 
 # -- exclusive names and atomic writes --------------------------------------------------------
