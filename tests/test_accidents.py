@@ -26,7 +26,10 @@ from test_end_to_end import invoke, sets
 from test_safe_files import DAMAGE, check_sample_folder
 
 from n2a_core.checkpoint import latest_checkpoint, load_checkpoint
+from n2a_core.errors import RunLockedError
+from n2a_core.pipeline import RunDir
 from n2a_core.safe_files import RunLock
+from n2a_core.training.run import lock_run_folder
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="fork and SIGKILL are POSIX")
 fork = multiprocessing.get_context("fork")
@@ -144,6 +147,44 @@ def test_a_second_trainer_on_a_run_folder_is_refused_naming_the_first(tmp_path):
               if "loss/model" in line]
     assert logged == sorted(set(logged)) and logged[-1] == 8
     assert not (out / RunLock.NAME).exists()  # released at the end
+
+
+def _lock_two_folders(rank: int, port: int, held: str, free: str, results) -> None:
+    from test_distributed import join_job
+
+    d = join_job(rank, 2, port)
+    try:
+        lock_run_folder(RunDir(held), d, resume=False)
+        results.put((rank, "held", "not refused"))
+    except RunLockedError as exc:
+        results.put((rank, "held", str(exc)))
+    lock = lock_run_folder(RunDir(free), d, resume=False)
+    results.put((rank, "free", "holds the lock" if lock is not None and lock.held else "no lock"))
+    d.barrier()
+    os._exit(0)
+
+
+def test_under_torch_distributed_rank_zero_holds_the_lock_and_every_rank_obeys_it(tmp_path):
+    from test_distributed import free_port
+
+    holder = RunLock(tmp_path / "held")
+    holder.acquire()
+    try:
+        results, port = fork.Queue(), free_port()
+        workers = [fork.Process(target=_lock_two_folders,
+                                args=(r, port, str(tmp_path / "held"), str(tmp_path / "free"), results))
+                   for r in range(2)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(120)
+            assert w.exitcode == 0
+    finally:
+        holder.release()
+    got = {(rank, folder): text for rank, folder, text in (results.get(timeout=5) for _ in range(4))}
+    assert got[0, "held"].startswith(f"{tmp_path / 'held'}: process {os.getpid()} on ")
+    assert got[1, "held"].startswith(f"rank 1: {tmp_path / 'held'}: process {os.getpid()} on ")
+    assert got[0, "free"] == "holds the lock" and got[1, "free"] == "no lock"
 
 
 def _read(path: Path) -> str:
