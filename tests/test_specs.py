@@ -355,7 +355,9 @@ def test_stage_budgets_split_the_time_and_stage_two_gets_what_stage_one_left(tmp
     spec = resolve_run_spec({"time_budget": 1000})
     assert stage_budgets(resolve_run_spec({}), run) == (None, None)
     assert stage_budgets(spec, run) == (400, 600)  # the documented default share, 0.4
-    save_checkpoint(run.autoencoder / "checkpoints", 7, {}, {"spent_s": 350.0}, keep_last=2)
+    save_checkpoint(run.autoencoder / "checkpoints", 7, {}, {
+        "spec_digest": "d", "stage": "autoencoder", "optimizers": {}, "data": {"epoch": 0, "samples": 0},
+        "spent_s": 350.0})
     assert stage_budgets(spec, run) == (400, 650)
     shared = resolve_run_spec({"time_budget": 1000, "autoencoder_time_share": 0.25})
     assert stage_budgets(shared, run)[0] == 250

@@ -8,7 +8,6 @@ run folder, and the others wait where they need what it wrote.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +16,18 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from n2a_core.checkpoint import latest_checkpoint, load_autoencoder_weights, rng_state, set_rng_state
+from n2a_core.checkpoint import (
+    STATE, latest_checkpoint, load_autoencoder_weights, remove_partial_saves, rng_state, set_rng_state, validate_state,
+)
 from n2a_core.component import BuildContext
 from n2a_core.conditioner import check_labels
 from n2a_core.diffusion_model import DiffusionModel
-from n2a_core.errors import CheckpointError, DataError, N2AError, SpecError
+from n2a_core.errors import CheckpointError, DataError, N2AError, RunLockedError, SpecError
 from n2a_core.images import make_grid_image
 from n2a_core.pipeline import Pipeline, RunDir, build_pipeline
 from n2a_core.plugins import get_registry
 from n2a_core.progress import progress_bar
+from n2a_core.safe_files import RunLock, remove_leftovers
 from n2a_core.specs import FORMER_OPERATIONAL_FIELDS, DiffusionTrainingSpec, RunSpecBase, resolve_run_spec
 from n2a_core.training import distributed
 from n2a_core.training.autoencoder_stage import AutoencoderStage, export_autoencoder
@@ -64,10 +66,23 @@ class Session:
     show_progress: bool
     dist: Dist = SINGLE
     """This process's place in a multi-process job (SINGLE for one process)."""
+    lock: RunLock | None = None
+    """The run folder's lock, held by rank 0 until `close()`."""
 
     @property
     def is_main(self) -> bool:
         return self.dist.is_main
+
+    def close(self) -> None:
+        """Release the run folder for other processes (the OS does it if this one dies)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def describe_batch(s: Session, stage: str, tspec, batch: int) -> None:
@@ -86,26 +101,63 @@ def check_batch_sizes(spec: RunSpecBase, world_size: int, stage1: bool = True, s
         local_batch(spec.training.batch_size, spec.training.grad_accum, world_size, "training.batch_size")
 
 
+def lock_run_folder(run: RunDir, dist: Dist, resume: bool) -> RunLock | None:
+    """Take the run folder's lock (rank 0; every rank stops if it cannot) and clear what
+    killed processes left in it. None on the other ranks."""
+    lock, refusal = None, None
+    if dist.is_main:
+        lock = RunLock(run.root)
+        try:
+            lock.acquire()
+        except RunLockedError as exc:
+            lock, refusal = None, str(exc)
+    refusal = dist.broadcast_object(refusal)
+    if refusal:
+        raise RunLockedError(refusal if dist.is_main else f"rank {dist.rank}: {refusal}")
+    if resume and not run.spec_file.is_file():
+        if lock is not None:
+            lock.release()
+        raise SpecError(f"{run.root}: --resume, but this folder holds no run (no spec.yaml); "
+                        "drop --resume to start a new run here")
+    if lock is not None:  # no other process writes here now: every leftover is debris
+        for folder in (run.root, run.autoencoder, run.diffusion, run.cache):
+            remove_leftovers(folder)
+        for stage in (run.autoencoder, run.diffusion):
+            remove_partial_saves(stage / "checkpoints")
+    return lock
+
+
 def prepare_run(spec: RunSpecBase, out: Path, *, resume: bool, show_progress: bool = True,
                 stage2: bool = True) -> Session:
-    """Check the run folder, load data, build the components and check them on one batch
-    (`preflight`); nothing trains yet, and a refused spec leaves no run folder behind.
+    """Lock and check the run folder, load data, build the components and check them on one
+    batch (`preflight`); nothing trains yet, and a refused spec writes no spec.yaml.
 
-    Under torchrun this joins the process group first; every rank makes the same checks
-    (so a refusal stops them all at once), rank 0 writes spec.yaml and labels.json.
-    `stage2` False: only stage 1 will train (`n2a train-autoencoder`).
+    The returned Session holds the run folder's lock: `close()` it, or use it in a `with`
+    block. Under torchrun this joins the process group first; every rank makes the same
+    checks (so a refusal stops them all at once), rank 0 holds the lock and writes
+    spec.yaml and labels.json. `stage2` False: only stage 1 will train (`n2a train-autoencoder`).
     """
     run = RunDir(out)
     _, world_size, _ = distributed.launch_env()
     stage1 = not spec.autoencoder_weights and not stage1_finished(spec, run)
     check_batch_sizes(spec, world_size, stage1=stage1, stage2=False)
     dist, device = distributed.init(spec.device)
+    lock = lock_run_folder(run, dist, resume)
+    try:
+        return _prepare_locked(spec, run, dist, device, show_progress, resume, lock, stage1, stage2)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _prepare_locked(spec: RunSpecBase, run: RunDir, dist: Dist, device: torch.device, show_progress: bool,
+                    resume: bool, lock: RunLock | None, stage1: bool, stage2: bool) -> Session:
+    out = run.root
     if run.spec_file.is_file():
         if not resume:
             raise SpecError(f"{out}: a run already exists here; pass --resume to continue it or choose another --out")
         check_resumed_spec(spec, run)
-    elif resume and out.exists() and any(out.iterdir()):
-        raise SpecError(f"{out}: --resume but no spec.yaml in this folder; is it an n2a run?")
     dist.barrier()  # every rank has looked before rank 0 writes spec.yaml
     seed_everything(spec.seed)  # the same on every rank: identical initial weights
     registry = get_registry()
@@ -134,7 +186,7 @@ def prepare_run(spec: RunSpecBase, out: Path, *, resume: bool, show_progress: bo
                                "(--out) must be on a filesystem every node shares")
     if dist.rank:
         seed_everything(rank_seed(spec.seed, dist.rank))  # own dropout masks and flips from here on
-    return Session(spec, run, device, pipeline, splits, show_progress and dist.is_main, dist)
+    return Session(spec, run, device, pipeline, splits, show_progress and dist.is_main, dist, lock)
 
 
 def started_stages(run: RunDir) -> list[str]:
@@ -300,7 +352,8 @@ def checkpoint_spent_s(checkpoint_dir: Path) -> float | None:
     last = latest_checkpoint(checkpoint_dir)
     if last is None:
         return None
-    return float(json.loads((last / "state.json").read_text()).get("spent_s", 0.0))
+    state = last / STATE
+    return float(validate_state(state, state.read_text()).get("spent_s", 0.0))
 
 
 def train_autoencoder_stage(s: Session, max_steps: int | None = None) -> None:
@@ -451,11 +504,17 @@ def train_run(spec: RunSpecBase, out: Path, *, resume: bool = False, max_steps: 
               show_progress: bool = True) -> Session:
     """Train stage 1 (if needed) then stage 2 in `out` (on every process of a torchrun job).
 
-    `max_steps` stops each stage at that step (a smoke test); the learning-rate schedules
-    still follow the spec's max_steps, so a later --resume without it goes on to them."""
+    The returned Session still holds the run folder's lock (for final samples, say):
+    `close()` it, or use it in a `with` block. `max_steps` stops each stage at that step (a
+    smoke test); the learning-rate schedules still follow the spec's max_steps, so a later
+    --resume without it goes on to them."""
     _, world_size, _ = distributed.launch_env()
     check_batch_sizes(spec, world_size, stage1=False)  # stage 1's in prepare_run
     session = prepare_run(spec, Path(out), resume=resume, show_progress=show_progress)
-    resolve_autoencoder(session, max_steps=max_steps)
-    train_diffusion_stage(session, max_steps)
+    try:
+        resolve_autoencoder(session, max_steps=max_steps)
+        train_diffusion_stage(session, max_steps)
+    except BaseException:
+        session.close()
+        raise
     return session
