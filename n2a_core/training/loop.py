@@ -268,7 +268,7 @@ class TrainingLoop:
                               state["stage_state"])
         self.step = int(state["step"])
         self.spent_before = float(state.get("spent_s", 0.0))
-        if self.is_main:
+        if self.dist.is_main:
             trim_log(self.out_dir / "metrics.jsonl", self.step)
         self._load_rank_state(tensors, state)
         self.stream.restore(state["data"])
