@@ -12,13 +12,9 @@ The one-off cost of building the cache is reported beside the speed-up.
 from __future__ import annotations
 
 import copy
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):  # `python benchmarks/cache.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 

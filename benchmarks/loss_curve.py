@@ -14,13 +14,9 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):  # `python benchmarks/loss_curve.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
@@ -130,7 +126,8 @@ def main(argv=None) -> None:
     result = run(SIZES[args.size], args.steps if not args.quick else min(args.steps, 60), device)
     rows = result.pop("rows")
     result["machine"] = machine(device)
-    emit(result, rows, f"stage-2 loss, fp32 vs bf16 autocast, {result['size']}, {result['metrics']['loss_steps']} steps")
+    steps = result["metrics"]["loss_steps"]
+    emit(result, rows, f"stage-2 loss, fp32 vs bf16 autocast, {result['size']}, {steps} steps")
 
 
 if __name__ == "__main__":

@@ -15,12 +15,7 @@ matmuls and, where torch has a formula, attention; element-wise work is not coun
 from __future__ import annotations
 
 import copy
-import sys
 import time
-from pathlib import Path
-
-if __package__ in (None, ""):  # `python benchmarks/train.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F

@@ -80,7 +80,8 @@ def readme_with_table(text: str) -> str:
     """README text with the built-in plugin table between its markers regenerated."""
     head, _, rest = text.partition(START)
     _, _, tail = rest.partition(END)
-    rows = [line for line in markdown_table().splitlines() if "| n2a |" in line or line.startswith("| kind") or line.startswith("|---")]
+    rows = [line for line in markdown_table().splitlines()
+            if "| n2a |" in line or line.startswith("| kind") or line.startswith("|---")]
     return f"{head}{START}\n" + "\n".join(rows) + f"\n{END}{tail}"
 
 

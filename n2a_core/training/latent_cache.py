@@ -64,8 +64,10 @@ class LatentDataset(Dataset):
 
 
 @torch.no_grad()
-def encode_dataset(autoencoder: Autoencoder, dataset: Dataset, collate, device: torch.device,
-                   batch_size: int = 64, flip: bool = False, progress=None) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+def encode_dataset(
+    autoencoder: Autoencoder, dataset: Dataset, collate, device: torch.device, batch_size: int = 64,
+    flip: bool = False, progress=None,
+) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """Latents of every readable image of `dataset` (in order), plus metadata lists."""
     autoencoder.eval()
     latents, flipped, meta = [], [], {"label": [], "caption": [], "key": []}
