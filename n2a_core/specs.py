@@ -14,7 +14,7 @@ import hashlib
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, create_model, model_validator
@@ -110,6 +110,9 @@ class RunSpecBase(N2ASpec):
     trains in this run). Its spec must match the `autoencoder` section."""
     autoencoder_training: AutoencoderTrainingSpec = Field(default_factory=AutoencoderTrainingSpec)
     training: DiffusionTrainingSpec = Field(default_factory=DiffusionTrainingSpec)
+
+    if TYPE_CHECKING:  # type checkers cannot see the fields run_spec_model adds (one per kind)
+        def __getattr__(self, name: str) -> Any: ...
 
     def component(self, kind: str) -> ComponentSpec | None:
         return getattr(self, kind)
