@@ -61,12 +61,12 @@ def run(size: Size = R64, images: int = 64, repeats: int = 3, device: torch.devi
         quick: bool = False, clock: str | None = None) -> dict:
     from n2a_core import BuildContext, get_registry
     from n2a_core.diffusion_model import DiffusionModel
+    from n2a_core.specs import DiffusionTrainingSpec
     from n2a_core.training.batching import BatchStream, collate_samples, make_splits
+    from n2a_core.training.diffusion_stage import DiffusionStage
     from n2a_core.training.latent_cache import cache_key, encode_dataset, load_or_build
     from n2a_core.training.loop import TrainingLoop
-    from n2a_core.specs import DiffusionTrainingSpec
     from n2a_core.training.run import collate_latents
-    from n2a_core.training.diffusion_stage import DiffusionStage
 
     device = device or torch.device("cpu")
     clock = clock or default_clock(device)

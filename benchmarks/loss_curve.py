@@ -57,12 +57,12 @@ def train_curve(denoiser, latents: torch.Tensor, precision: str, steps: int, siz
     """Per-step losses of one stage-2 run, and its seconds per step."""
     from n2a_core import get_registry
     from n2a_core.diffusion_model import DiffusionModel
+    from n2a_core.specs import DiffusionTrainingSpec
     from n2a_core.training.batching import BatchStream
+    from n2a_core.training.diffusion_stage import DiffusionStage
     from n2a_core.training.latent_cache import LatentDataset
     from n2a_core.training.loop import TrainingLoop
-    from n2a_core.specs import DiffusionTrainingSpec
     from n2a_core.training.run import collate_latents
-    from n2a_core.training.diffusion_stage import DiffusionStage
 
     registry = get_registry()
     schedule = registry.build("schedule", registry.validate_spec("schedule", {"type": "cosine"}))

@@ -25,7 +25,6 @@ from n2a_core.kinds import KINDS
 from n2a_core.plugins import Registry, get_registry
 from n2a_core.spec_errors import format_validation_error
 
-
 # -- training sections -------------------------------------------------------------------
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 

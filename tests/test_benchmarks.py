@@ -139,6 +139,7 @@ def test_bf16_autocast_training_step_tracks_float32():
 
 
 # -- the matched configurations ------------------------------------------------------------
+@pytest.mark.slow
 @needs_diffusers
 def test_r64_parameter_counts_match():
     r64 = common.R64
@@ -164,6 +165,7 @@ def test_converted_weights_make_the_same_network():
 
 
 # -- every benchmark through the entry point -------------------------------------------------
+@pytest.mark.slow
 @needs_diffusers
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 vs diffusers' DPM-Solver scheduler
 def test_run_quick_tiny_prints_a_table_then_the_json_line(monkeypatch, capsys):

@@ -120,6 +120,7 @@ def run(*args, env=None, check=True):
     return subprocess.run(args, capture_output=True, text=True, env=env, check=check, timeout=300)
 
 
+@pytest.mark.slow
 def test_install_the_example_like_a_user_and_see_it_in_n2a(tmp_path):
     """pip-install the example into this environment, use it through `n2a`, uninstall it."""
     # --no-build-isolation builds with this environment's setuptools (no network needed).

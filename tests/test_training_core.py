@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from n2a_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from n2a_core.training.objective import EMA, diffusion_loss, draw_condition_drop, min_snr_weight, prediction_target
 from n2a_core.errors import CheckpointError
+from n2a_core.specs import DiffusionTrainingSpec, OptimSpec
 from n2a_core.training.batching import BatchStream
 from n2a_core.training.loop import Stage, TrainingLoop, adamw, lr_factor
-from n2a_core.specs import DiffusionTrainingSpec, OptimSpec
+from n2a_core.training.objective import EMA, diffusion_loss, draw_condition_drop, min_snr_weight, prediction_target
 from n2a_plugins.schedules import CosineSchedule, LinearSchedule
 
 

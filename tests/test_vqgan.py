@@ -495,6 +495,7 @@ def test_two_optimizer_loop_trains_both_players():
     assert not all(torch.equal(a, b) for a, b in zip(disc_before, model.discriminator_parameters(), strict=True))
 
 
+@pytest.mark.slow
 def test_tiny_vqgan_overfits_eight_shape_images():
     """8 PIL shape images, 150 Adam steps on L1 + L_VQ: PSNR rises by more than 8 dB."""
     torch.manual_seed(0)

@@ -34,8 +34,13 @@ import torch
 from torch import nn
 
 from n2a_core.checkpoint import (
-    latest_checkpoint, load_checkpoint, optimizer_from_flat, optimizer_to_flat, rng_state,
-    save_checkpoint, set_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    optimizer_from_flat,
+    optimizer_to_flat,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
 )
 from n2a_core.errors import CheckpointError
 from n2a_core.specs import OptimSpec
