@@ -29,9 +29,12 @@ Map of the package (each module's docstring says more):
   using the components
     pipeline       the components of a run built from its spec and checked together; RunDir
     diffusion_model the trainable part of stage 2 (denoiser + trainable conditioner)
-    checkpoint     safetensors checkpoints and weights, written by training, read by generation
+    checkpoint     safetensors checkpoints and weights, written by training, read by generation;
+                   validated metadata, fallback past a damaged one
     generate       `n2a sample`: load a run, sample, write PNGs (needs nothing from training)
     images         image decoding, the image transform, grids
+    safe_files     what concurrent processes and kill -9 cannot break: the run lock,
+                   atomic writes, exclusive names
     device, layout, progress   small shared helpers
   training/        everything `n2a train` runs (see n2a_core.training): the two stages,
                    the loop, batching, latent cache, distributed training, evaluation
