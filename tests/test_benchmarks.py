@@ -139,7 +139,6 @@ def test_bf16_autocast_training_step_tracks_float32():
 
 
 # -- the matched configurations ------------------------------------------------------------
-@pytest.mark.slow
 @needs_diffusers
 def test_r64_parameter_counts_match():
     r64 = common.R64
