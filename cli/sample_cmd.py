@@ -33,8 +33,8 @@ def sample(
     from n2a_core.errors import SpecError
     from n2a_core.generate import SampleWriter, check_conditions, generate, load_run, new_samples_folder
     from n2a_core.pipeline import newest_run
-    from n2a_core.progress import progress_bar
     from n2a_core.plugins import get_registry
+    from n2a_core.progress import progress_bar
 
     with user_errors():
         if prompt and label:

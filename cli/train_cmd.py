@@ -26,7 +26,8 @@ TimeBudgetOption = Annotated[str | None, typer.Option(
     "--time-budget", help="Train for this long instead of to max_steps, e.g. 30m, 2h, 1h30m (sets the spec's "
     "time_budget): stage 1 gets autoencoder_time_share (default 0.4) of it, stage 2 the rest; learning-rate and "
     "EMA schedules follow the fraction used; --resume counts the time already spent.", show_default=False)]
-ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue the run in --out (default: newest under runs/).")]
+ResumeOption = Annotated[bool, typer.Option("--resume",
+                                              help="Continue the run in --out (default: newest under runs/).")]
 
 
 def _spec_with_autoencoder_run(config, overrides, plugins, preset):

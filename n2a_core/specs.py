@@ -15,7 +15,7 @@ import json
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
@@ -25,7 +25,6 @@ from n2a_core.errors import SpecError
 from n2a_core.kinds import KINDS
 from n2a_core.plugins import Registry, get_registry
 from n2a_core.spec_errors import format_validation_error
-
 
 # -- training sections -------------------------------------------------------------------
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -125,6 +124,9 @@ class RunSpecBase(N2ASpec):
     @classmethod
     def _duration(cls, value: Any) -> Any:
         return parse_duration(value) if isinstance(value, str) else value
+
+    if TYPE_CHECKING:  # type checkers cannot see the fields run_spec_model adds (one per kind)
+        def __getattr__(self, name: str) -> Any: ...
 
     def component(self, kind: str) -> ComponentSpec | None:
         return getattr(self, kind)

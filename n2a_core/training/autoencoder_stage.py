@@ -27,8 +27,8 @@ from torch import nn
 from n2a_core.autoencoder import Autoencoder
 from n2a_core.checkpoint import save_weights
 from n2a_core.errors import CheckpointError
-from n2a_core.training.loop import OptimizerSlot, Stage, adamw
 from n2a_core.specs import AutoencoderTrainingSpec
+from n2a_core.training.loop import OptimizerSlot, Stage, adamw
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -67,7 +67,7 @@ class AutoencoderStage(Stage):
     def optimizers(self) -> dict[str, OptimizerSlot]:
         return self._slots
 
-    def losses(self, batch: Any, step: int):
+    def losses(self, batch: Any, step: float):
         self.model.train()
         out = self.model.training_losses(batch["image"].to(self.device, non_blocking=True), step)
         return {"autoencoder": out.loss, "discriminator": out.discriminator_loss}, dict(out.logs)

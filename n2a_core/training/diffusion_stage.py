@@ -21,12 +21,12 @@ from torch import nn
 
 from n2a_core.autoencoder import Autoencoder
 from n2a_core.diffusion_model import DiffusionModel
-from n2a_core.training.distributed import SINGLE, Dist, find_unused_parameters, rank_seed
-from n2a_core.training.loop import OptimizerSlot, Stage, adamw
-from n2a_core.training.objective import EMA, diffusion_loss, draw_condition_drop
 from n2a_core.sampler import Sampler, generators_for_seeds
 from n2a_core.schedule import NoiseSchedule
 from n2a_core.specs import DiffusionTrainingSpec
+from n2a_core.training.distributed import SINGLE, Dist, find_unused_parameters, rank_seed
+from n2a_core.training.loop import OptimizerSlot, Stage, adamw
+from n2a_core.training.objective import EMA, diffusion_loss, draw_condition_drop
 
 
 class TrainingForward:
@@ -101,12 +101,12 @@ class DiffusionStage(Stage):
         denoiser = self.forward_model if self.model.training else self.model.denoiser
         return diffusion_loss(denoiser, self.schedule, z0, cond, drop, generator, self.spec.min_snr_gamma)
 
-    def losses(self, batch: Any, step: int):
+    def losses(self, batch: Any, step: float):
         self.model.train()
         loss = self.batch_loss(batch, self.generator, self.spec.p_uncond)
         return {"model": loss}, {}
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: float) -> None:
         if self.ema is not None:
             self.ema.update(self.model, step)
 

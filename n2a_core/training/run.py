@@ -17,7 +17,13 @@ import torch
 from rich.console import Console
 
 from n2a_core.checkpoint import (
-    STATE, latest_checkpoint, load_autoencoder_weights, remove_partial_saves, rng_state, set_rng_state, validate_state,
+    STATE,
+    latest_checkpoint,
+    load_autoencoder_weights,
+    remove_partial_saves,
+    rng_state,
+    set_rng_state,
+    validate_state,
 )
 from n2a_core.component import BuildContext
 from n2a_core.conditioner import check_labels
@@ -31,7 +37,7 @@ from n2a_core.safe_files import RunLock, remove_leftovers
 from n2a_core.specs import FORMER_OPERATIONAL_FIELDS, DiffusionTrainingSpec, RunSpecBase, resolve_run_spec
 from n2a_core.training import distributed
 from n2a_core.training.autoencoder_stage import AutoencoderStage, export_autoencoder
-from n2a_core.training.batching import BatchStream, collate_samples, make_splits
+from n2a_core.training.batching import BatchStream, DataSplits, collate_samples, make_splits
 from n2a_core.training.diffusion_stage import DiffusionStage
 from n2a_core.training.distributed import SINGLE, Dist, DistributedError, local_batch, rank_seed
 from n2a_core.training.latent_cache import cache_key, encode_dataset, load_or_build
@@ -62,7 +68,7 @@ class Session:
     run: RunDir
     device: torch.device
     pipeline: Pipeline
-    splits: object
+    splits: DataSplits
     show_progress: bool
     dist: Dist = SINGLE
     """This process's place in a multi-process job (SINGLE for one process)."""
