@@ -9,9 +9,11 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.markup import escape
 
 from cli.common import console, user_errors
 from cli.options import ConfigOption, PresetOption, SetOption, plugin_options, resolve_cli_spec
+from n2a_core import strict_json
 
 OutOption = Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (default: runs/<preset>-<time>).",
                                                  show_default=False)]
@@ -52,7 +54,7 @@ def _run_spec_and_folder(config, overrides, plugins, preset, out, resume):
     if resume and config is None and (out_dir / "spec.yaml").is_file():
         config = out_dir / "spec.yaml"
     spec = _spec_with_autoencoder_run(config, overrides, plugins, preset)
-    console.print(f"run folder: [bold]{out_dir}[/bold]")
+    console.print(f"run folder: [bold]{escape(str(out_dir))}[/bold]")
     return spec, out_dir
 
 
@@ -79,7 +81,7 @@ def train(
         session = train_run(spec, out_dir, resume=resume, max_steps=max_steps)
         if session.is_main:
             _final_samples(session)
-    console.print(f"done in {time.perf_counter() - started:.0f} s: {out_dir}")
+    console.print(f"done in {time.perf_counter() - started:.0f} s: {escape(str(out_dir))}")
 
 
 FINAL_SEEDS = 4
@@ -88,7 +90,7 @@ FINAL_SEEDS = 4
 def _final_samples(session) -> None:
     """A grid for a handful of conditions, a row of seeds each, at the end of training
     (the quickstart's payoff)."""
-    from n2a_core.generate import generate, load_run, write_samples
+    from n2a_core.generate import StepCount, generate, load_run, write_samples
     from n2a_core.train import eval_split, preview_conditions
 
     loaded = load_run(session.run.root, device=str(session.device))
@@ -97,12 +99,13 @@ def _final_samples(session) -> None:
     conditions = [c for c in chosen for _ in range(FINAL_SEEDS)]
     seeds = list(range(FINAL_SEEDS)) * len(chosen)
     guidance = tspec.preview_guidance if loaded.conditioner is not None else 0.0
-    images = generate(loaded, conditions, seeds, guidance=guidance)
+    evaluations = StepCount()
+    images = generate(loaded, conditions, seeds, guidance=guidance, callback=evaluations)
     records = [{"index": i, "seed": s, "condition": c, "guidance": guidance, "step": loaded.step,
-                "sampler": loaded.spec.sampler.type if loaded.spec.sampler else None,
+                "sampler": loaded.spec.sampler.type if loaded.spec.sampler else None, "steps": evaluations.steps,
                 "spec_digest": loaded.spec.digest()} for i, (s, c) in enumerate(zip(seeds, conditions, strict=True))]
     grid = write_samples(images, records, session.run.samples / "final", nrow=FINAL_SEEDS)
-    console.print(f"samples: [bold]{grid}[/bold]")
+    console.print(f"samples: [bold]{escape(str(grid))}[/bold]")
 
 
 @plugin_options
@@ -143,4 +146,4 @@ def eval_autoencoder(
         for k, v in metrics.items():
             table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
         console.print(table)
-    typer.echo(json.dumps(metrics))
+    typer.echo(strict_json.dumps(metrics))

@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from n2a_core import strict_json
 from n2a_core.errors import CheckpointError
 
 TENSORS, STATE = "tensors.safetensors", "state.json"
@@ -101,7 +102,7 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}-", dir=directory))
     try:
         save_file(flatten(tensors), str(tmp / TENSORS))
-        (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=1))
+        (tmp / STATE).write_text(strict_json.dumps({**state, "step": step}, indent=1))
         for f in (tmp / TENSORS, tmp / STATE):
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

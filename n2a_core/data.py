@@ -35,8 +35,9 @@ import torch
 from PIL import ExifTags, Image, ImageDraw, ImageFont, ImageOps
 from pydantic import Field
 
+from n2a_core import strict_json
 from n2a_core.errors import DataError
-from n2a_core.specs import ComponentSpec
+from n2a_core.specs import ComponentSpec, Seed
 
 log = logging.getLogger("n2a.data")
 
@@ -82,7 +83,7 @@ class DataSourceSpec(ComponentSpec):
     """Random horizontal flips during training."""
     val_fraction: float = Field(0.05, ge=0, lt=1)
     """Share of records held out for validation (paper: 5%)."""
-    split_seed: int = 0
+    split_seed: Seed = 0
     """Seed of the hash-based train/validation split."""
     limit: int | None = Field(None, ge=1)
     """Use at most this many records (handy for quick runs)."""
@@ -324,7 +325,7 @@ class LabelVocabulary:
         return isinstance(other, LabelVocabulary) and self.labels == other.labels
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps({"labels": self.labels}, indent=1, ensure_ascii=False) + "\n")
+        Path(path).write_text(strict_json.dumps({"labels": self.labels}, indent=1, ensure_ascii=False) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LabelVocabulary:

@@ -7,20 +7,21 @@ spec hash in a text chunk, repeated as one line of `samples.jsonl`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL.PngImagePlugin import PngInfo
 
+from n2a_core import strict_json
 from n2a_core.checkpoint import latest_checkpoint, load_checkpoint
 from n2a_core.conditioner import Conditioner, check_labels
 from n2a_core.data import make_grid_image, tensor_to_image
+from n2a_core.device import resolve_device
 from n2a_core.errors import CheckpointError, SpecError
-from n2a_core.pipeline import Pipeline, RunDir, build_pipeline, resolve_device
+from n2a_core.pipeline import Pipeline, RunDir, build_pipeline
 from n2a_core.plugins import get_registry
-from n2a_core.sampler import generators_for_seeds
+from n2a_core.sampler import StepCallback, generators_for_seeds
 from n2a_core.specs import RunSpecBase, resolve_run_spec
 from n2a_core.train_autoencoder import load_autoencoder_weights
 from n2a_core.train_diffusion import DiffusionModel
@@ -81,10 +82,23 @@ def check_conditions(loaded: LoadedRun, conditions: list[str], field: str | None
     check_labels(conditioner, conditions, "--label")
 
 
+class StepCount:
+    """A sampler callback that keeps how many denoiser steps the chain took (the steps
+    actually used: a sampler's default, or fewer than asked where its grid has fewer)."""
+
+    def __init__(self) -> None:
+        self.steps: int | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        self.steps = total
+
+
 @torch.no_grad()
 def generate(loaded: LoadedRun, conditions: list[str], seeds: list[int], *, guidance: float = 0.0,
-             sampler_spec=None, steps: int | None = None, batch_size: int = 16, progress=None) -> torch.Tensor:
-    """Images (N x 3 x H x W in [-1, 1]) for one condition and seed each ('' = unconditional)."""
+             sampler_spec=None, steps: int | None = None, batch_size: int = 16, progress=None,
+             callback: StepCallback | None = None) -> torch.Tensor:
+    """Images (N x 3 x H x W in [-1, 1]) for one condition and seed each ('' = unconditional);
+    `callback(done, total)` goes to the sampler (after each denoiser step of each batch)."""
     if len(conditions) != len(seeds):
         raise ValueError(f"{len(conditions)} conditions for {len(seeds)} seeds")
     p = loaded.pipeline
@@ -108,7 +122,7 @@ def generate(loaded: LoadedRun, conditions: list[str], seeds: list[int], *, guid
             # Mixed batches: rows without a condition get guidance 0 via the null token.
         generators = generators_for_seeds(chunk_seeds, "cpu")
         z = sampler.sample(loaded.model.denoiser, p.schedule, (len(chunk_seeds), *shape), cond=cond,
-                           guidance=use_guidance, steps=steps, generator=generators)
+                           guidance=use_guidance, steps=steps, generator=generators, callback=callback)
         out.append(p.autoencoder.decode(z.to(loaded.device)).clamp(-1, 1).float().cpu())
         if progress:
             progress(min(start + batch_size, len(seeds)), len(seeds))
@@ -121,10 +135,10 @@ def write_samples(images: torch.Tensor, records: list[dict], out_dir: Path, nrow
     with open(out_dir / "samples.jsonl", "a") as log:
         for image, record in zip(images, records, strict=True):
             info = PngInfo()
-            info.add_text("n2a", json.dumps(record))
+            info.add_text("n2a", strict_json.dumps(record))
             name = f"{record['index']:04d}-seed{record['seed']}.png"
             tensor_to_image(image).save(out_dir / name, pnginfo=info)
-            log.write(json.dumps({"file": name, **record}) + "\n")
+            log.write(strict_json.dumps({"file": name, **record}) + "\n")
     grid = out_dir / "grid.png"
     captions = [r.get("condition") or f"seed {r['seed']}" for r in records]
     make_grid_image(images, nrow=nrow, captions=captions).save(grid)

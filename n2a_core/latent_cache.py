@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
+from n2a_core import strict_json
 from n2a_core.autoencoder import Autoencoder
 from n2a_core.data import report_skipped
 from n2a_core.distributed import SINGLE, Dist, DistributedError
@@ -97,7 +98,7 @@ def _write(path_dir: Path, key: str, latents: torch.Tensor, flipped: torch.Tenso
     tmp = tensors_path.with_name(tensors_path.name + ".tmp")
     save_file(tensors, str(tmp))
     meta_tmp = meta_path.with_name(meta_path.name + ".tmp")
-    meta_tmp.write_text(json.dumps(meta))
+    meta_tmp.write_text(strict_json.dumps(meta))
     os.replace(meta_tmp, meta_path)
     os.replace(tmp, tensors_path)  # the tensors last: their presence marks a complete cache
 

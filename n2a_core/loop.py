@@ -18,7 +18,6 @@ state draw fresh noise (seeded from the run seed, their rank and the step).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import random
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from n2a_core import strict_json
 from n2a_core.checkpoint import (
     latest_checkpoint, load_checkpoint, optimizer_from_flat, optimizer_to_flat, rng_state,
     save_checkpoint, set_rng_state,
@@ -433,7 +433,7 @@ class TrainingLoop:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(strict_json.dumps(record) + "\n")
 
     def run(self, max_steps: int | None = None) -> int:
         """Train until `max_steps` (default spec.max_steps); checkpoint on the way and at the end.

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from n2a_core import strict_json
 from n2a_core.autoencoder import Autoencoder
 from n2a_core.conditioner import Conditioner
 from n2a_core.denoiser import Conditioning, Denoiser
@@ -21,16 +22,7 @@ from n2a_core.errors import SpecError
 from n2a_core.plugins import Registry, get_registry
 from n2a_core.sampler import Sampler
 from n2a_core.schedule import NoiseSchedule
-from n2a_core.specs import BuildContext, RunSpecBase
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SpecError(f"device: '{name}' requested but CUDA is not available; use device: auto or cpu")
-    return device
+from n2a_core.specs import BuildContext, RunSpecBase, read_spec_file
 
 
 @dataclass
@@ -130,11 +122,11 @@ class RunDir:
     def read_spec_data(self) -> dict:
         if not self.spec_file.is_file():
             raise SpecError(f"{self.root}: not an n2a run (no spec.yaml); pass a folder made by `n2a train`")
-        return yaml.safe_load(self.spec_file.read_text()) or {}
+        return read_spec_file(self.spec_file)
 
     def write_labels(self, labels: list[str] | None) -> None:
         if labels is not None:
-            self.labels_file.write_text(json.dumps(labels, indent=1))
+            self.labels_file.write_text(strict_json.dumps(labels, indent=1))
 
     def read_labels(self) -> list[str] | None:
         return json.loads(self.labels_file.read_text()) if self.labels_file.is_file() else None

@@ -15,20 +15,30 @@ import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from n2a_core.device import check_device_name
 from n2a_core.errors import SpecError, did_you_mean
 from n2a_core.kinds import KINDS
 
 
 class N2ASpec(BaseModel):
-    """Base of every n2a spec: unknown keys are errors, field docstrings become docs."""
+    """Base of every n2a spec: unknown keys are errors, field docstrings become docs, and no
+    float may be NaN or infinite (YAML's .inf, JSON's NaN: an lr of inf trains nothing)."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True,
+                              allow_inf_nan=False)
+
+
+SEED_MAX = 2**32 - 1
+"""The largest seed n2a takes (numpy's range). Seeds n2a derives from it (seed * 1_000_003 +
+epoch for the data order, seed + i for image i) then stay inside torch's 64-bit seeds."""
+
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 
 
 class ComponentSpec(N2ASpec):
@@ -136,14 +146,21 @@ class DiffusionTrainingSpec(OptimSpec):
 class RunSpecBase(N2ASpec):
     """The run spec. Component fields are added per registry by `run_spec_model`."""
 
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] | str = "auto"
-    """'auto' picks CUDA when available."""
+    seed: Seed = 0
+    """Seed of the initial weights and of every random stream in training (0..2**32-1)."""
+    device: str = "auto"
+    """auto (CUDA, else Apple's MPS, else the CPU), cpu, cuda, cuda:N or mps."""
     autoencoder_weights: str | None = None
     """A trained autoencoder: a run folder or a weights.safetensors file (None: stage 1
     trains in this run). Its spec must match the `autoencoder` section."""
     autoencoder_training: AutoencoderTrainingSpec = Field(default_factory=AutoencoderTrainingSpec)
     training: DiffusionTrainingSpec = Field(default_factory=DiffusionTrainingSpec)
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, name: str) -> str:
+        check_device_name(name)
+        return name
 
     def component(self, kind: str) -> ComponentSpec | None:
         return getattr(self, kind)
@@ -199,7 +216,13 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: spec file not found")
-    text = path.read_text()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x}); "
+                        "save the spec as UTF-8 YAML, TOML or JSON") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read the spec file ({exc.strerror or exc})") from None
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
@@ -224,7 +247,7 @@ def apply_set(data: dict[str, Any], assignment: str) -> None:
     parts = key.strip().split(".")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except Exception:  # not YAML (or an int too long to convert): take the text as it is
         value = raw
     node = data
     for part in parts[:-1]:
@@ -321,9 +344,13 @@ def format_validation_error(
             lines.append(f"{where}: unknown type {ctx.get('tag')!r}; allowed: {ctx.get('expected_tags')}")
         else:
             got = err.get("input")
-            got_text = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+            got_text = "" if isinstance(got, dict) or got is None else f" (got {_shortened(repr(got))})"
             lines.append(f"{where}: {err['msg']}{got_text}")
     return SpecError("\n".join(lines))
+
+
+def _shortened(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else f"{text[:limit - 1]}…"
 
 
 def _fields_at(loc: tuple, root: Any, registry=None) -> list[str]:

@@ -35,6 +35,18 @@ def n2a(monkeypatch):
         set_registry(None)
 
 
+@pytest.fixture
+def n2a_all(monkeypatch):
+    """`n2a ARGS...` in-process with every installed plugin (what the quickstart preset names)."""
+    monkeypatch.delenv("N2A_LOAD_PLUGINS", raising=False)
+    set_registry(None)
+    runner = CliRunner()
+    try:
+        yield lambda *args: runner.invoke(create_app(), list(args))
+    finally:
+        set_registry(None)
+
+
 def rows_of(result) -> list[dict]:
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
@@ -105,11 +117,13 @@ def test_a_broken_plugin_shows_as_error_and_does_not_break_list_plugins(n2a, mon
 
 
 # -- spec show ------------------------------------------------------------------------------
-def test_spec_show_unknown_plugin_is_one_line_with_a_suggestion(n2a):
+def test_spec_show_unknown_plugin_is_one_line_with_a_suggestion(n2a_all):
+    n2a = n2a_all
     assert_one_line_user_error(n2a("spec", "show", "--schedule", "cosin"), "schedule.type", "'cosine'")
 
 
-def test_spec_show_unknown_key_and_bad_value(n2a):
+def test_spec_show_unknown_key_and_bad_value(n2a_all):
+    n2a = n2a_all
     assert_one_line_user_error(n2a("spec", "show", "--set", "schedule.num_timestep=10"),
                                "schedule.num_timestep", "did you mean 'num_timesteps'")
     assert_one_line_user_error(n2a("spec", "show", "-s", "schedule.num_timesteps=0"),
@@ -122,7 +136,8 @@ def test_spec_show_missing_config_is_one_line(n2a, tmp_path):
                                "missing.yaml", "not found")
 
 
-def test_spec_show_applies_set_and_kind(n2a):
+def test_spec_show_applies_set_and_kind(n2a_all):
+    n2a = n2a_all
     result = n2a("spec", "show", "--set", "schedule.num_timesteps=10")
     assert result.exit_code == 0, result.output
     assert yaml.safe_load(result.stdout)["schedule"] == {"type": "cosine", "num_timesteps": 10,
