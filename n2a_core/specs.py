@@ -231,7 +231,8 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
         else:
             data = yaml.safe_load(text)
     except Exception as exc:  # every parser has its own error type
-        raise SpecError(f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {str(exc).splitlines()[0]}") from None
+        language = {".toml": "TOML", ".json": "JSON"}.get(path.suffix, "YAML")
+        raise SpecError(f"{path}: not valid {language}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
