@@ -11,7 +11,7 @@ from rich.markup import escape
 
 from cli.common import console, user_errors
 from cli.options import finite
-from n2a_core.specs import SEED_MAX
+from n2a_core.component import SEED_MAX
 
 MAX_IMAGES = 1_000_000
 """Per prompt or label: enough for an FID over 50,000 images, few enough to list the seeds."""

@@ -16,13 +16,14 @@ import yaml
 
 from n2a_core import strict_json
 from n2a_core.autoencoder import Autoencoder
+from n2a_core.component import BuildContext
 from n2a_core.conditioner import Conditioner
 from n2a_core.denoiser import Conditioning, Denoiser
 from n2a_core.errors import SpecError
 from n2a_core.plugins import Registry, get_registry
 from n2a_core.sampler import Sampler
 from n2a_core.schedule import NoiseSchedule
-from n2a_core.specs import BuildContext, RunSpecBase, read_spec_file
+from n2a_core.specs import RunSpecBase, read_spec_file
 
 
 @dataclass

@@ -161,10 +161,10 @@ def test_spec_show_any_arguments(args):
 @pytest.fixture
 def recorded_train(monkeypatch, tmp_path):
     """`n2a train` up to the point where it would start: the specs it would have trained."""
-    import n2a_core.train
+    import n2a_core.training.run
 
     started = []
-    monkeypatch.setattr(n2a_core.train, "train_run",
+    monkeypatch.setattr(n2a_core.training.run, "train_run",
                         lambda spec, out, resume, max_steps: started.append(spec) or types.SimpleNamespace(is_main=False))
     monkeypatch.chdir(tmp_path)  # relative --out folders land here
     return started
@@ -202,7 +202,7 @@ def tiny_run(tmp_path_factory):
     from n2a_core.generate import LoadedRun
     from n2a_core.pipeline import RunDir, build_pipeline
     from n2a_core.specs import resolve_run_spec
-    from n2a_core.train_diffusion import DiffusionModel
+    from n2a_core.diffusion_model import DiffusionModel
 
     root = tmp_path_factory.mktemp("fuzz") / "run"
     spec = resolve_run_spec({

@@ -20,9 +20,8 @@ from pydantic import BaseModel, Field
 from n2a_core import ComponentSpec, hookimpl
 from n2a_core.errors import SpecError
 from n2a_core.plugins import PluginSource, load_plugins, set_registry
-from n2a_core.specs import (
-    SEED_MAX, apply_set, choose_plugin, load_run_spec, read_spec_file, resolve_run_spec, run_spec_model,
-)
+from n2a_core.component import SEED_MAX
+from n2a_core.specs import apply_set, choose_plugin, load_run_spec, read_spec_file, resolve_run_spec, run_spec_model
 
 
 class FancyScheduleSpec(ComponentSpec):
