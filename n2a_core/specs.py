@@ -21,7 +21,7 @@ from pydantic import Field, ValidationError, create_model, field_validator, mode
 
 from n2a_core.component import ComponentSpec, N2ASpec, Seed
 from n2a_core.device import check_device_name
-from n2a_core.errors import SpecError
+from n2a_core.errors import PluginError, SpecError
 from n2a_core.kinds import KINDS
 from n2a_core.plugins import Registry, get_registry
 from n2a_core.spec_errors import format_validation_error
@@ -253,9 +253,13 @@ def resolve_run_spec(
         if isinstance(section, dict) and "type" not in section and KINDS[kind].default:
             section["type"] = KINDS[kind].default
         if isinstance(section, dict) and "type" in section:
+            name = section["type"]
+            if not isinstance(name, str):
+                raise SpecError(f"{kind}.type: expected a plugin name, got {type(name).__name__} {name!r}; "
+                                f"installed: {', '.join(registry.names(kind)) or 'none'}")
             try:
-                registry.get(kind, section["type"])
-            except Exception as exc:
+                registry.get(kind, name)
+            except PluginError as exc:
                 raise SpecError(f"{kind}.type: {str(exc).split(': ', 1)[1]}") from None
     model = run_spec_model(registry)
     try:

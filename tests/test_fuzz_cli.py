@@ -79,10 +79,10 @@ TRICKY = [
     "1e400", "-1e400", "1e-400", "4294967295", "4294967296", "9223372036854775808", "99999999999999999999",
     "1" + "0" * 5000, "null", "~", "true", "false", "[]", "{}", "[1, 2]", "[[1]]", "{a: 1}", "{type: nope}",
     "'", '"', "[", "{", "]", "- a\n- b", "a: b: c", "&a [*a]", "!!python/object/apply:os.system ['true']",
-    "!!binary aGk=", "[/x]", "[bold]", "line\nbreak", "\t", "é", "🎨", "cosine", "ddim", "dpmpp-2m", "minilm",
+    "!!binary aGk=", "[/x]", "[/]", "[b]x[/i]", "[bold]", "line\nbreak", "\t", "é", "🎨", "cosine", "ddim", "dpmpp-2m", "minilm",
     "none", "auto", "cpu", "cuda", "mps", "cuda:7", "meta", "quickstart",
 ]
-scalar_text = st.one_of(st.sampled_from(TRICKY), st.text(string.printable, max_size=12),
+scalar_text = st.one_of(st.sampled_from(TRICKY), st.sampled_from(TRICKY), st.text(string.printable, max_size=12),
                         st.text(max_size=8).filter(lambda s: "\x00" not in s))
 """Text a user might put in a value: the tricky ones above, printable noise, any Unicode (argv
 cannot hold NUL)."""
@@ -127,8 +127,8 @@ def spec_files(draw) -> tuple[str, bytes]:
     return suffix, json.dumps(data).encode()
 
 
-keys = st.one_of(st.sampled_from(FIELD_PATHS), st.sampled_from(TRICKY), scalar_text,
-                 st.builds(lambda path, part: f"{path}.{part}", st.sampled_from(FIELD_PATHS), st.sampled_from(TRICKY)))
+keys = st.one_of(st.sampled_from(FIELD_PATHS), scalar_text,
+                 st.builds(lambda path, part: f"{path}.{part}", st.sampled_from(FIELD_PATHS), scalar_text))
 assignments = st.one_of(st.builds(lambda key, value: f"{key}={value}", keys, scalar_text), scalar_text)
 """`--set` arguments: mostly KEY=VALUE on real fields, sometimes anything at all."""
 
