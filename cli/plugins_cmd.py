@@ -6,8 +6,8 @@ import json
 from typing import Annotated
 
 import typer
-from rich.table import Table
 from rich.markup import escape
+from rich.table import Table
 
 from cli.common import console, user_errors
 from n2a_core import strict_json

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 from rich.markup import escape
+from rich.table import Table
 
 from cli.common import console, user_errors
 from cli.options import ConfigOption, PresetOption, SetOption, plugin_options, resolve_cli_spec
@@ -102,7 +102,7 @@ def _final_samples(session) -> None:
     evaluations = StepCount()
     images = generate(loaded, conditions, seeds, guidance=guidance, callback=evaluations)
     records = [{"index": i, "seed": s, "condition": c, "guidance": guidance, "step": loaded.step,
-                "sampler": loaded.spec.sampler.type if loaded.spec.sampler else None, "steps": evaluations.steps,
+                "sampler": loaded.spec.sampler.type if loaded.spec.sampler else None, "steps": evaluations.steps or getattr(loaded.spec.sampler, "steps", None),
                 "spec_digest": loaded.spec.digest()} for i, (s, c) in enumerate(zip(seeds, conditions, strict=True))]
     grid = write_samples(images, records, session.run.samples / "final", nrow=FINAL_SEEDS)
     console.print(f"samples: [bold]{escape(str(grid))}[/bold]")
