@@ -9,6 +9,7 @@ bounded, so the module takes seconds and fails the same way on every machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import string
 import traceback
@@ -164,8 +165,8 @@ def recorded_train(monkeypatch, tmp_path):
     import n2a_core.training.run
 
     started = []
-    monkeypatch.setattr(n2a_core.training.run, "train_run",
-                        lambda spec, out, resume, max_steps: started.append(spec) or types.SimpleNamespace(is_main=False))
+    monkeypatch.setattr(n2a_core.training.run, "train_run", lambda spec, out, resume, max_steps:
+                        started.append(spec) or contextlib.nullcontext(types.SimpleNamespace(is_main=False)))
     monkeypatch.chdir(tmp_path)  # relative --out folders land here
     return started
 

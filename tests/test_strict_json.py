@@ -27,10 +27,11 @@ def test_non_finite_floats_become_null_everywhere_in_the_structure():
 
 
 def test_every_json_writer_goes_through_strict_json():
-    """A JSON text that is written, printed or embedded (not a hash key or a copy) uses strict_json."""
+    """A JSON text that is written, printed or embedded (not a hash key or a copy) uses strict_json
+    (plugins, which see only the public API, pass allow_nan=False)."""
     writes = re.compile(r"write|add_text|echo|print")
     offenders = [f"{path.relative_to(ROOT)}:{number}"
                  for folder in ("n2a_core", "n2a_plugins", "cli") for path in sorted((ROOT / folder).rglob("*.py"))
                  for number, line in enumerate(path.read_text().splitlines(), 1)
-                 if re.search(r"\bjson\.dumps?\(", line) and writes.search(line)]
+                 if re.search(r"\bjson\.dumps?\(", line) and writes.search(line) and "allow_nan=False" not in line]
     assert offenders == []

@@ -114,9 +114,14 @@ def test_keep_last_and_latest_pointer(tmp_path):
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step-00000015"
 
 
+def valid_state(**extra) -> dict:
+    """The least `state.json` that a checkpoint must hold (checkpoint.CheckpointState)."""
+    return {"spec_digest": "abc", "stage": "toy", "optimizers": {}, "data": {"epoch": 0, "samples": 0}, **extra}
+
+
 def test_crash_mid_write_keeps_previous_latest(tmp_path, monkeypatch):
     directory = tmp_path / "ck"
-    save_checkpoint(directory, 1, {"m": {"w": torch.ones(3)}}, {"x": 1})
+    save_checkpoint(directory, 1, {"m": {"w": torch.ones(3)}}, valid_state(x=1))
     import n2a_core.checkpoint as ck
 
     def broken(*args, **kwargs):
@@ -124,7 +129,7 @@ def test_crash_mid_write_keeps_previous_latest(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ck, "save_file", broken)
     with pytest.raises(OSError):
-        save_checkpoint(directory, 2, {"m": {"w": torch.zeros(3)}}, {"x": 2})
+        save_checkpoint(directory, 2, {"m": {"w": torch.zeros(3)}}, valid_state(x=2))
     latest = latest_checkpoint(directory)
     assert latest.name == "step-00000001"
     tensors, state = load_checkpoint(latest)
@@ -133,9 +138,9 @@ def test_crash_mid_write_keeps_previous_latest(tmp_path, monkeypatch):
 
 
 def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
-    path = save_checkpoint(tmp_path, 3, {"m": {"w": torch.ones(3)}}, {})
+    path = save_checkpoint(tmp_path, 3, {"m": {"w": torch.ones(3)}}, valid_state())
     (path / "tensors.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(CheckpointError, match="damaged"):
         load_checkpoint(path)
 
 

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from n2a_core import strict_json
 from n2a_core.autoencoder import Autoencoder
+from n2a_core.safe_files import temp_path, write_atomic
 from n2a_core.training.batching import report_skipped
 from n2a_core.training.distributed import SINGLE, Dist, DistributedError
 
@@ -95,11 +96,9 @@ def _write(path_dir: Path, key: str, latents: torch.Tensor, flipped: torch.Tenso
     tensors = {"latents": latents.contiguous()}
     if flipped is not None:
         tensors["flipped"] = flipped.contiguous()
-    tmp = tensors_path.with_name(tensors_path.name + ".tmp")
+    tmp = temp_path(tensors_path)
     save_file(tensors, str(tmp))
-    meta_tmp = meta_path.with_name(meta_path.name + ".tmp")
-    meta_tmp.write_text(strict_json.dumps(meta))
-    os.replace(meta_tmp, meta_path)
+    write_atomic(meta_path, strict_json.dumps(meta))
     os.replace(tmp, tensors_path)  # the tensors last: their presence marks a complete cache
 
 

@@ -24,11 +24,7 @@ import PIL
 from PIL import Image, ImageDraw, ImageFont, features
 from pydantic import field_validator
 
-from n2a_core import strict_json
-from n2a_core.component import BuildContext
-from n2a_core.data_source import DataSource, DataSourceSpec, Record, Sample
-from n2a_core.errors import DataError
-from n2a_core.images import open_image
+from n2a_core import BuildContext, DataError, DataSource, DataSourceSpec, Record, Sample, open_image
 from n2a_plugins.data.emoji_groups import (
     EXTRAS_OPENMOJI, GROUPS, NEWER_NAMES, PRIVATE_USE, REGIONAL_INDICATORS, group_of,
 )
@@ -206,7 +202,7 @@ def render_all(size: int, root: Path) -> Path:
         if not rendered:
             raise DataError(f"data (openmoji): every glyph of {font} rendered blank; is Pillow built with FreeType?")
         # Only what was drawn is cached; labels and captions come from the code points at read time.
-        (work / "index.json").write_text(strict_json.dumps({"rendered": rendered, "skipped": skipped}))
+        (work / "index.json").write_text(json.dumps({"rendered": rendered, "skipped": skipped}, allow_nan=False))
         try:
             work.rename(final)  # another process may have finished first: keep its copy
         except OSError:
