@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from cli.common import console, user_errors
 from cli.options import finite
-from n2a_core.component import SEED_MAX
+from n2a_core.seeds import SEED_MAX
 
 MAX_IMAGES = 1_000_000
 """Per prompt or label: enough for an FID over 50,000 images, few enough to list the seeds."""
@@ -41,8 +41,8 @@ def sample(
     from n2a_core.errors import SpecError
     from n2a_core.generate import SampleWriter, StepCount, check_conditions, generate, load_run, new_samples_folder
     from n2a_core.pipeline import newest_run
-    from n2a_core.progress import progress_bar
     from n2a_core.plugins import get_registry
+    from n2a_core.progress import progress_bar
 
     with user_errors():
         if prompt and label:

@@ -19,7 +19,8 @@ OutOption = Annotated[Path | None, typer.Option("--out", "-o", help="Run folder 
                                                  show_default=False)]
 MaxStepsOption = Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.", min=1,
                                                     show_default=False)]
-ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue the run in --out (default: newest under runs/).")]
+ResumeOption = Annotated[bool, typer.Option("--resume",
+                                              help="Continue the run in --out (default: newest under runs/).")]
 
 
 def _spec_with_autoencoder_run(config, overrides, plugins, preset):

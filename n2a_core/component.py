@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 
 class N2ASpec(BaseModel):
@@ -20,13 +20,6 @@ class N2ASpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True,
                               allow_inf_nan=False)
-
-
-SEED_MAX = 2**32 - 1
-"""The largest seed n2a takes (numpy's range). Seeds n2a derives from it (seed * 1_000_003 +
-epoch for the data order, seed + i for image i) then stay inside torch's 64-bit seeds."""
-
-Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 
 
 class ComponentSpec(N2ASpec):

@@ -17,7 +17,8 @@ from typing import Any
 from PIL import Image
 from pydantic import Field
 
-from n2a_core.component import ComponentSpec, Seed
+from n2a_core.component import ComponentSpec
+from n2a_core.seeds import Seed
 
 
 # -- records and samples ---------------------------------------------------------------

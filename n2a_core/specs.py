@@ -14,18 +14,18 @@ import hashlib
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
-from n2a_core.component import ComponentSpec, N2ASpec, Seed
+from n2a_core.component import ComponentSpec, N2ASpec
 from n2a_core.device import check_device_name
 from n2a_core.errors import PluginError, SpecError
 from n2a_core.kinds import KINDS
 from n2a_core.plugins import Registry, get_registry
+from n2a_core.seeds import Seed
 from n2a_core.spec_errors import format_validation_error
-
 
 # -- training sections -------------------------------------------------------------------
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -118,6 +118,9 @@ class RunSpecBase(N2ASpec):
     def _device_name(cls, name: str) -> str:
         check_device_name(name)
         return name
+
+    if TYPE_CHECKING:  # type checkers cannot see the fields run_spec_model adds (one per kind)
+        def __getattr__(self, name: str) -> Any: ...
 
     def component(self, kind: str) -> ComponentSpec | None:
         return getattr(self, kind)

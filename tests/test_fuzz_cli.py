@@ -80,10 +80,12 @@ TRICKY = [
     "1e400", "-1e400", "1e-400", "4294967295", "4294967296", "9223372036854775808", "99999999999999999999",
     "1" + "0" * 5000, "null", "~", "true", "false", "[]", "{}", "[1, 2]", "[[1]]", "{a: 1}", "{type: nope}",
     "'", '"', "[", "{", "]", "- a\n- b", "a: b: c", "&a [*a]", "!!python/object/apply:os.system ['true']",
-    "!!binary aGk=", "[/x]", "[/]", "[b]x[/i]", "[bold]", "line\nbreak", "\t", "é", "🎨", "cosine", "ddim", "dpmpp-2m", "minilm",
+    "!!binary aGk=", "[/x]", "[/]", "[b]x[/i]", "[bold]", "line\nbreak", "\t", "é", "🎨",
+    "cosine", "ddim", "dpmpp-2m", "minilm",
     "none", "auto", "cpu", "cuda", "mps", "cuda:7", "meta", "quickstart",
 ]
-scalar_text = st.one_of(st.sampled_from(TRICKY), st.sampled_from(TRICKY), st.text(string.printable, max_size=12),
+scalar_text = st.one_of(st.sampled_from(TRICKY), st.sampled_from(TRICKY),
+                        st.text(string.printable, max_size=12),
                         st.text(max_size=8).filter(lambda s: "\x00" not in s))
 """Text a user might put in a value: the tricky ones above, printable noise, any Unicode (argv
 cannot hold NUL)."""
@@ -152,8 +154,8 @@ def test_spec_show_never_crashes(spec, overrides, choices, tmp_path):
 
 
 @FUZZ
-@given(args=st.lists(st.one_of(st.sampled_from(["--json", "--preset", "--set", "-s", "--config", *[f"--{k}" for k in KINDS]]),
-                               scalar_text), max_size=5))
+@given(args=st.lists(st.one_of(st.sampled_from(["--json", "--preset", "--set", "-s", "--config",
+                                                *[f"--{k}" for k in KINDS]]), scalar_text), max_size=5))
 def test_spec_show_any_arguments(args):
     assert_clean_exit(invoke("spec", "show", *args))
 
@@ -200,10 +202,10 @@ LABELS = ["cat", "dog"]
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A LoadedRun of random weights at 16 px with a class-label conditioner and T = 20."""
+    from n2a_core.diffusion_model import DiffusionModel
     from n2a_core.generate import LoadedRun
     from n2a_core.pipeline import RunDir, build_pipeline
     from n2a_core.specs import resolve_run_spec
-    from n2a_core.diffusion_model import DiffusionModel
 
     root = tmp_path_factory.mktemp("fuzz") / "run"
     spec = resolve_run_spec({

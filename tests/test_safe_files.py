@@ -6,8 +6,8 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import multiprocessing
+import os
 import signal
 import sys
 import time
@@ -18,11 +18,14 @@ import torch
 from PIL import Image
 
 from n2a_core.checkpoint import (
-    load_checkpoint, load_latest_checkpoint, remove_partial_saves, save_checkpoint,
+    load_checkpoint,
+    load_latest_checkpoint,
+    remove_partial_saves,
+    save_checkpoint,
 )
-from n2a_core.images import make_grid_image
 from n2a_core.errors import CheckpointError, RunLockedError, SpecError
 from n2a_core.generate import SampleWriter, new_samples_folder
+from n2a_core.images import make_grid_image
 from n2a_core.safe_files import RunLock, new_folder, write_atomic
 
 # Other processes are forked: they start at once with everything imported (a fresh Python

@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 from n2a_core import ComponentSpec, hookimpl
 from n2a_core.errors import SpecError
 from n2a_core.plugins import PluginSource, load_plugins, set_registry
-from n2a_core.component import SEED_MAX
+from n2a_core.seeds import SEED_MAX
 from n2a_core.specs import apply_set, choose_plugin, load_run_spec, read_spec_file, resolve_run_spec, run_spec_model
 
 
@@ -154,7 +154,8 @@ def test_an_integer_too_long_to_convert_is_one_line(registry):
 
 
 def test_a_device_name_torch_cannot_run_is_refused_in_the_spec(registry):
-    assert one_line_error(overrides=["device=tpu"]) == "device: unknown device 'tpu'; use auto, cpu, cuda, cuda:N or mps"
+    expected = "device: unknown device 'tpu'; use auto, cpu, cuda, cuda:N or mps"
+    assert one_line_error(overrides=["device=tpu"]) == expected
     assert resolve_run_spec({}, overrides=["device=mps"]).device == "mps"  # may be run on another machine
 
 

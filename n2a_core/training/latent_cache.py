@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from n2a_core.training.batching import report_skipped
 from n2a_core.training.distributed import SINGLE, Dist, DistributedError
 
 
-def weights_digest(module: torch.nn.Module, skip: list[str] = ()) -> str:
+def weights_digest(module: torch.nn.Module, skip: Sequence[str] = ()) -> str:
     """sha256 over the module's tensors (names, shapes, bytes), ignoring sub-modules in `skip`."""
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
@@ -66,11 +67,14 @@ class LatentDataset(Dataset):
 
 
 @torch.no_grad()
-def encode_dataset(autoencoder: Autoencoder, dataset: Dataset, collate, device: torch.device,
-                   batch_size: int = 64, flip: bool = False, progress=None) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+def encode_dataset(
+    autoencoder: Autoencoder, dataset: Dataset, collate, device: torch.device, batch_size: int = 64,
+    flip: bool = False, progress=None,
+) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """Latents of every readable image of `dataset` (in order), plus metadata lists."""
     autoencoder.eval()
-    latents, flipped, meta = [], [], {"label": [], "caption": [], "key": []}
+    latents, flipped = [], []
+    meta: dict[str, list] = {"label": [], "caption": [], "key": []}
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     for i, batch in enumerate(loader):
         images = batch["image"].to(device)

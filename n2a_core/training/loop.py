@@ -35,8 +35,13 @@ from torch import nn
 
 from n2a_core import strict_json
 from n2a_core.checkpoint import (
-    load_checkpoint, load_latest_checkpoint, optimizer_from_flat, optimizer_to_flat, rng_state,
-    save_checkpoint, set_rng_state,
+    load_checkpoint,
+    load_latest_checkpoint,
+    optimizer_from_flat,
+    optimizer_to_flat,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
 )
 from n2a_core.errors import CheckpointError
 from n2a_core.safe_files import write_atomic

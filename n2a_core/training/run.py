@@ -29,7 +29,7 @@ from n2a_core.safe_files import RunLock, remove_leftovers
 from n2a_core.specs import DiffusionTrainingSpec, RunSpecBase, resolve_run_spec
 from n2a_core.training import distributed
 from n2a_core.training.autoencoder_stage import AutoencoderStage, export_autoencoder
-from n2a_core.training.batching import BatchStream, collate_samples, make_splits, report_skipped
+from n2a_core.training.batching import BatchStream, DataSplits, collate_samples, make_splits, report_skipped
 from n2a_core.training.diffusion_stage import DiffusionStage
 from n2a_core.training.distributed import SINGLE, Dist, DistributedError, local_batch, rank_seed
 from n2a_core.training.latent_cache import cache_key, encode_dataset, load_or_build
@@ -59,7 +59,7 @@ class Session:
     run: RunDir
     device: torch.device
     pipeline: Pipeline
-    splits: object
+    splits: DataSplits
     show_progress: bool
     dist: Dist = SINGLE
     """This process's place in a multi-process job (SINGLE for one process)."""
