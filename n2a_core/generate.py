@@ -11,7 +11,6 @@ several `n2a sample` calls may write into one folder at once.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 from PIL.PngImagePlugin import PngInfo
 
+from n2a_core import strict_json
 from n2a_core.checkpoint import load_autoencoder_weights, load_latest_checkpoint
 from n2a_core.conditioner import Conditioner, check_labels
 from n2a_core.device import resolve_device
@@ -30,7 +30,7 @@ from n2a_core.images import make_grid_image, tensor_to_image
 from n2a_core.pipeline import Pipeline, RunDir, build_pipeline
 from n2a_core.plugins import get_registry
 from n2a_core.safe_files import FileLock, new_folder, open_new
-from n2a_core.sampler import generators_for_seeds
+from n2a_core.sampler import StepCallback, generators_for_seeds
 from n2a_core.specs import RunSpecBase, resolve_run_spec
 
 
@@ -92,14 +92,27 @@ def check_conditions(loaded: LoadedRun, conditions: list[str], field: str | None
     check_labels(conditioner, conditions, "--label")
 
 
+class StepCount:
+    """A sampler callback that keeps how many denoiser steps the chain took (the steps
+    actually used: a sampler's default, or fewer than asked where its grid has fewer)."""
+
+    def __init__(self) -> None:
+        self.steps: int | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        self.steps = total
+
+
 @torch.no_grad()
 def generate(loaded: LoadedRun, conditions: list[str], seeds: list[int], *, guidance: float = 0.0,
              sampler_spec=None, steps: int | None = None, batch_size: int = 16, progress=None,
-             on_images: Callable[[torch.Tensor, int], None] | None = None) -> torch.Tensor:
+             on_images: Callable[[torch.Tensor, int], None] | None = None,
+             callback: StepCallback | None = None) -> torch.Tensor:
     """Images (N x 3 x H x W in [-1, 1]) for one condition and seed each ('' = unconditional).
 
     `on_images(images, start)` receives each batch as soon as it is decoded (a
-    SampleWriter, so that the images are on disk whatever happens next)."""
+    SampleWriter, so that the images are on disk whatever happens next); `callback(done,
+    total)` goes to the sampler (after each denoiser step of each batch)."""
     if len(conditions) != len(seeds):
         raise ValueError(f"{len(conditions)} conditions for {len(seeds)} seeds")
     p = loaded.pipeline
@@ -123,7 +136,7 @@ def generate(loaded: LoadedRun, conditions: list[str], seeds: list[int], *, guid
             # Mixed batches: rows without a condition get guidance 0 via the null token.
         generators = generators_for_seeds(chunk_seeds, "cpu")
         z = sampler.sample(loaded.model.denoiser, p.schedule, (len(chunk_seeds), *shape), cond=cond,
-                           guidance=use_guidance, steps=steps, generator=generators)
+                           guidance=use_guidance, steps=steps, generator=generators, callback=callback)
         out.append(p.autoencoder.decode(z.to(loaded.device)).clamp(-1, 1).float().cpu())
         if on_images:
             on_images(out[-1], start)
@@ -148,8 +161,10 @@ class SampleWriter:
 
     _NUMBERED = re.compile(r"^(\d+)-.*\.png$")
 
-    def __init__(self, out_dir: Path, records: list[dict]):
-        self.out_dir, self.records = Path(out_dir), records
+    def __init__(self, out_dir: Path, records: list[dict], steps_used: StepCount | None = None):
+        """`steps_used`, the StepCount given to `generate`, puts the steps the sampler took
+        into each record (a batch is written after its chain, so the count is known)."""
+        self.out_dir, self.records, self.steps_used = Path(out_dir), records, steps_used
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.log_file = self.out_dir / "samples.jsonl"
         self.files: list[str] = []
@@ -158,9 +173,11 @@ class SampleWriter:
         """Write `images`, the records from `start` on."""
         with FileLock(self.log_file):
             for image, record in zip(images, self.records[start:start + len(images)], strict=True):
+                if self.steps_used is not None and self.steps_used.steps is not None:
+                    record["steps"] = self.steps_used.steps
                 name = self._write_png(image, record)
                 with open(self.log_file, "a", encoding="utf-8") as log:
-                    log.write(json.dumps({"file": name, **record}, ensure_ascii=False) + "\n")
+                    log.write(strict_json.dumps({"file": name, **record}, ensure_ascii=False) + "\n")
                 self.files.append(name)
 
     def _next_number(self) -> int:
@@ -169,7 +186,7 @@ class SampleWriter:
 
     def _write_png(self, image: torch.Tensor, record: dict) -> str:
         info = PngInfo()
-        info.add_text("n2a", json.dumps(record))
+        info.add_text("n2a", strict_json.dumps(record))
         number = self._next_number()
         while True:  # another program may add files while we hold the lock: skip their names
             name = f"{number:04d}-seed{record['seed']}.png"
