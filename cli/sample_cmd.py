@@ -12,8 +12,9 @@ from cli.common import console, user_errors
 
 
 def sample(
-    run: Annotated[Path | None, typer.Argument(help="Run folder (default: the newest under ./runs).",
-                                               show_default=False)] = None,
+    run: Annotated[str | None, typer.Argument(
+        help="Run folder, folder made by `n2a export`, or Hub id (default: the newest run under ./runs).",
+        show_default=False)] = None,
     prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="Caption to draw (repeatable).")] = None,
     label: Annotated[list[str] | None, typer.Option("--label", "-l", help="Class label to draw (repeatable).")] = None,
     conditioner: Annotated[str | None, typer.Option(help="Must match the run's conditioner (a check).")] = None,
@@ -29,18 +30,21 @@ def sample(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 16,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
-    """Draw images from a trained run and write PNGs (with metadata), samples.jsonl and a grid."""
+    """Draw images from a trained run, an exported folder or a Hub id, and write PNGs (with
+    metadata), samples.jsonl and a grid. A thin layer over `n2a_core.Pipeline`."""
     from n2a_core.errors import SpecError
-    from n2a_core.generate import check_conditions, generate, load_run, write_samples
-    from n2a_core.pipeline import newest_run
+    from n2a_core.export import is_exported
+    from n2a_core.components import newest_run
+    from n2a_core.generate import check_conditions, write_samples
+    from n2a_core.pipeline import Pipeline
     from n2a_core.progress import progress_bar
-    from n2a_core.plugins import get_registry
 
     with user_errors():
         if prompt and label:
             raise SpecError("--prompt and --label: give one kind of condition per call")
-        root = run or newest_run()
-        loaded = load_run(root, device=device, ema=ema)
+        source = run or newest_run()
+        pipe = Pipeline.from_pretrained(source, device=device, ema=ema)
+        loaded = pipe.loaded
         if conditioner is not None:
             actual = loaded.spec.conditioner.type if loaded.spec.conditioner else "none"
             if conditioner != actual:
@@ -48,19 +52,23 @@ def sample(
         wanted = list(prompt or label or [])
         field = "caption" if prompt else "label" if label else None
         check_conditions(loaded, wanted, field)
+        total = len(wanted) * n if wanted else n
+        with progress_bar("sampling", total) as bar:
+            images = pipe(wanted, n=n, seed=seed, guidance=guidance, sampler=sampler, steps=steps,
+                          batch_size=batch_size, progress=lambda done, total: bar(done, total), output_type="pt")
         conditions = [c for c in wanted for _ in range(n)] if wanted else [""] * n
         seeds = [seed + i for i in range(len(conditions))]
-        sampler_spec = get_registry().validate_spec("sampler", sampler) if sampler else None
-        if sampler_spec is not None and steps is None and hasattr(sampler_spec, "steps"):
-            steps = sampler_spec.steps
-        with progress_bar("sampling", len(seeds)) as bar:
-            images = generate(loaded, conditions, seeds, guidance=guidance, sampler_spec=sampler_spec,
-                              steps=steps, batch_size=batch_size, progress=lambda done, total: bar(done, total))
         sampler_name = sampler or (loaded.spec.sampler.type if loaded.spec.sampler else None)
         records = [{"index": i, "seed": s, "condition": c, "field": field, "guidance": guidance,
                     "sampler": sampler_name, "steps": steps, "ema": ema, "step": loaded.step,
                     "spec_digest": loaded.spec.digest()}
                    for i, (s, c) in enumerate(zip(seeds, conditions, strict=True))]
-        out_dir = out or loaded.run.samples / time.strftime("%Y%m%d-%H%M%S")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        if out is not None:
+            out_dir = out
+        elif is_exported(loaded.run.root):  # an export (maybe in the Hub cache) stays as shipped
+            out_dir = Path("samples") / f"{Path(str(source)).name}-{stamp}"
+        else:
+            out_dir = loaded.run.samples / stamp
         grid = write_samples(images, records, out_dir, nrow=n if wanted else None)
     console.print(f"{len(images)} images in [bold]{out_dir}[/bold]; grid: {grid}")

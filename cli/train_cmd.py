@@ -22,7 +22,7 @@ ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue the run i
 
 def _spec_with_autoencoder_run(config, overrides, plugins, preset):
     """`--autoencoder RUN` names a trained run: take its autoencoder spec and weights."""
-    from n2a_core.pipeline import RunDir
+    from n2a_core.components import RunDir
 
     choice = plugins.get("autoencoder")
     if choice and Path(choice).exists():
@@ -36,7 +36,7 @@ def _spec_with_autoencoder_run(config, overrides, plugins, preset):
 
 
 def _out_dir(out: Path | None, resume: bool, preset: str, config: Path | None) -> Path:
-    from n2a_core.pipeline import newest_run
+    from n2a_core.components import newest_run
 
     if out is not None:
         return out
@@ -89,6 +89,7 @@ def _final_samples(session) -> None:
     """A grid for a handful of conditions, a row of seeds each, at the end of training
     (the quickstart's payoff)."""
     from n2a_core.generate import generate, load_run, write_samples
+    from n2a_core.model_card import CardFacts, write_model_card
     from n2a_core.train import eval_split, preview_conditions
 
     loaded = load_run(session.run.root, device=str(session.device))
@@ -103,6 +104,9 @@ def _final_samples(session) -> None:
                 "spec_digest": loaded.spec.digest()} for i, (s, c) in enumerate(zip(seeds, conditions, strict=True))]
     grid = write_samples(images, records, session.run.samples / "final", nrow=FINAL_SEEDS)
     console.print(f"samples: [bold]{grid}[/bold]")
+    card = write_model_card(session.run.root,
+                            CardFacts.from_run(session.run.root, loaded.spec, str(grid.relative_to(session.run.root))))
+    console.print(f"model card: [bold]{card}[/bold]")
 
 
 @plugin_options

@@ -14,6 +14,7 @@ from n2a_core.conditioner import Conditioner
 from n2a_core.data import DataSource, DataSourceSpec, Sample
 from n2a_core.denoiser import Conditioning, Denoiser
 from n2a_core.errors import N2AError
+from n2a_core.pipeline import Pipeline
 from n2a_core.hookspecs import hookimpl
 from n2a_core.plugins import get_registry, load_plugins
 from n2a_core.sampler import Sampler
@@ -22,6 +23,6 @@ from n2a_core.specs import BuildContext, ComponentSpec, load_run_spec
 
 __all__ = [
     "Autoencoder", "AutoencoderLosses", "BuildContext", "ComponentSpec", "Conditioner",
-    "Conditioning", "DataSource", "DataSourceSpec", "Denoiser", "N2AError", "NoiseSchedule",
+    "Conditioning", "DataSource", "DataSourceSpec", "Denoiser", "N2AError", "NoiseSchedule", "Pipeline",
     "Sample", "Sampler", "get_registry", "hookimpl", "load_plugins", "load_run_spec",
 ]

@@ -37,6 +37,9 @@ class Autoencoder(nn.Module, ABC):
     """C, the number of latent channels (n_z)."""
     downsample_factor: int
     """f: spatial size of the latent = image size / f."""
+    pretrained: bool = False
+    """True for a model trained elsewhere: `n2a train` skips stage 1 for it and only
+    estimates its latent_scale on the training images."""
 
     def __init__(self) -> None:
         super().__init__()

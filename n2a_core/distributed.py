@@ -233,7 +233,7 @@ SINGLE = Dist()
 
 def device_for(name: str, local_rank: int, world_size: int) -> torch.device:
     """The device of this process: `name` resolved, with CUDA pinned to LOCAL_RANK."""
-    from n2a_core.pipeline import resolve_device
+    from n2a_core.components import resolve_device
 
     device = resolve_device(name)
     if device.type != "cuda" or world_size == 1:

@@ -9,7 +9,7 @@ import torch
 
 from n2a_core.data import collate_samples, make_splits
 from n2a_core.errors import DataError
-from n2a_core.pipeline import RunDir, build_pipeline, resolve_device
+from n2a_core.components import RunDir, build_components, resolve_device
 from n2a_core.plugins import get_registry
 from n2a_core.specs import BuildContext, resolve_run_spec
 from n2a_core.train import eval_split, has_items
@@ -24,7 +24,7 @@ def evaluate_autoencoder(root: Path, *, data: str | None = None, overrides: list
     run = RunDir(root)
     spec = resolve_run_spec(run.read_spec_data(), plugins={"data": data}, overrides=list(overrides))
     device = resolve_device(spec.device)
-    pipeline = build_pipeline(spec, vocabulary=run.read_labels(), device=device, training=False)
+    pipeline = build_components(spec, vocabulary=run.read_labels(), device=device, training=False)
     model = pipeline.autoencoder.to(device).eval()
     load_autoencoder_weights(model, run.autoencoder_weights)
     splits = make_splits(get_registry().build("data", spec.data, BuildContext(device=device)), spec.data)

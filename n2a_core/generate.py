@@ -18,7 +18,7 @@ from n2a_core.checkpoint import latest_checkpoint, load_checkpoint
 from n2a_core.conditioner import Conditioner, check_labels
 from n2a_core.data import make_grid_image, tensor_to_image
 from n2a_core.errors import CheckpointError, SpecError
-from n2a_core.pipeline import Pipeline, RunDir, build_pipeline, resolve_device
+from n2a_core.components import Components, RunDir, build_components, resolve_device
 from n2a_core.plugins import get_registry
 from n2a_core.sampler import generators_for_seeds
 from n2a_core.specs import RunSpecBase, resolve_run_spec
@@ -30,7 +30,7 @@ from n2a_core.train_diffusion import DiffusionModel
 class LoadedRun:
     run: RunDir
     spec: RunSpecBase
-    pipeline: Pipeline
+    components: Components
     model: DiffusionModel
     device: torch.device
     step: int
@@ -45,25 +45,25 @@ def load_run(root: Path, *, device: str = "auto", ema: bool = True) -> LoadedRun
     run = RunDir(root)
     spec = resolve_run_spec(run.read_spec_data())
     device_ = resolve_device(device if device != "auto" else spec.device)
-    pipeline = build_pipeline(spec, vocabulary=run.read_labels(), device=device_, cache_dir=run.cache,
+    components = build_components(spec, vocabulary=run.read_labels(), device=device_, cache_dir=run.cache,
                               training=False)
     weights = Path(spec.autoencoder_weights) if spec.autoencoder_weights else run.autoencoder_weights
     weights = RunDir(weights).autoencoder_weights if weights.is_dir() else weights
-    load_autoencoder_weights(pipeline.autoencoder, weights)
+    load_autoencoder_weights(components.autoencoder, weights)
     checkpoint = latest_checkpoint(run.diffusion / "checkpoints")
     if checkpoint is None:
         raise CheckpointError(f"{root}: stage 2 has no checkpoint yet; train it with `n2a train --out {root} --resume`")
     tensors, state = load_checkpoint(checkpoint)
-    model = DiffusionModel(pipeline.denoiser, pipeline.conditioner)
+    model = DiffusionModel(components.denoiser, components.conditioner)
     weights_group = tensors["stage.ema"] if ema else tensors["module.model"]
     try:
         model.load_state_dict(weights_group)
     except RuntimeError as exc:
         raise CheckpointError(f"{checkpoint}: weights do not fit the run's spec ({str(exc).splitlines()[0]})") from None
-    for module in (pipeline.autoencoder, model, pipeline.conditioner):
+    for module in (components.autoencoder, model, components.conditioner):
         if module is not None:
             module.to(device_).eval()
-    return LoadedRun(run, spec, pipeline, model, device_, int(state["step"]))
+    return LoadedRun(run, spec, components, model, device_, int(state["step"]))
 
 
 def check_conditions(loaded: LoadedRun, conditions: list[str], field: str | None) -> None:
@@ -87,7 +87,7 @@ def generate(loaded: LoadedRun, conditions: list[str], seeds: list[int], *, guid
     """Images (N x 3 x H x W in [-1, 1]) for one condition and seed each ('' = unconditional)."""
     if len(conditions) != len(seeds):
         raise ValueError(f"{len(conditions)} conditions for {len(seeds)} seeds")
-    p = loaded.pipeline
+    p = loaded.components
     sampler = get_registry().build("sampler", sampler_spec) if sampler_spec is not None else p.sampler
     if sampler is None:
         raise SpecError("sampler: the run has no sampler; pass --sampler (see `n2a list-plugins --kind sampler`)")

@@ -161,6 +161,8 @@ OPERATIONAL_FIELDS = frozenset({
     "val_every", "val_batches", "sample_steps", "preview_captions", "preview_labels", "preview_guidance", "device",
     # the global batch is fixed; how it is split (processes x accumulation) may change on resume
     "grad_accum",
+    # metadata for model cards, not training
+    "license",
 })
 
 

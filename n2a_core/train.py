@@ -24,7 +24,7 @@ from n2a_core.distributed import SINGLE, Dist, DistributedError, local_batch, ra
 from n2a_core.errors import CheckpointError, SpecError
 from n2a_core.latent_cache import cache_key, encode_dataset, load_or_build
 from n2a_core.loop import BatchStream, TrainingLoop
-from n2a_core.pipeline import Pipeline, RunDir, build_pipeline
+from n2a_core.components import Components, RunDir, build_components
 from n2a_core.plugins import get_registry
 from n2a_core.progress import progress_bar
 from n2a_core.specs import BuildContext, DiffusionTrainingSpec, RunSpecBase, resolve_run_spec
@@ -54,7 +54,7 @@ class Session:
     spec: RunSpecBase
     run: RunDir
     device: torch.device
-    pipeline: Pipeline
+    pipeline: Components
     splits: object
     show_progress: bool
     dist: Dist = SINGLE
@@ -110,7 +110,7 @@ def prepare_run(spec: RunSpecBase, out: Path, *, resume: bool, show_progress: bo
     labels = splits.vocabulary.labels if splits.vocabulary is not None else None
     if run.labels_file.is_file():
         labels = run.read_labels()  # the run's vocabulary is fixed at its start
-    pipeline = build_pipeline(spec, vocabulary=labels, device=device, cache_dir=run.cache)
+    pipeline = build_components(spec, vocabulary=labels, device=device, cache_dir=run.cache)
     for module in (pipeline.autoencoder, pipeline.denoiser, pipeline.conditioner):
         if module is not None:
             module.to(device)
@@ -178,11 +178,17 @@ def train_autoencoder_stage(s: Session, max_steps: int | None = None) -> None:
         with progress_bar("stage 1: autoencoder", target, loop.step, s.show_progress) as bar:
             loop.progress = bar
             loop.run(target)
-    if dist.is_main:
+    calibrate_autoencoder(s)
+
+
+def calibrate_autoencoder(s: Session) -> None:
+    """Estimate the latent scale on training images and write the weights stage 2 reads."""
+    if s.dist.is_main:
         calibration = preview_images(s.splits.train, 64)
-        scale = export_autoencoder(ae, calibration.to(s.device), s.run.autoencoder_weights, digest)
+        scale = export_autoencoder(s.pipeline.autoencoder, calibration.to(s.device), s.run.autoencoder_weights,
+                                   s.spec.digest(*AUTOENCODER_FIELDS))
         console.print(f"stage 1 done: {s.run.autoencoder_weights} (latent scale {scale:.4f})")
-    dist.barrier()
+    s.dist.barrier()
 
 
 def stage1_finished(spec: RunSpecBase, run: RunDir) -> bool:
@@ -202,6 +208,11 @@ def resolve_autoencoder(s: Session, train_if_missing: bool = True) -> None:
         load_autoencoder_weights(s.pipeline.autoencoder, path)
         return
     if stage1_finished(s.spec, s.run):
+        load_autoencoder_weights(s.pipeline.autoencoder, s.run.autoencoder_weights)
+        return
+    if s.pipeline.autoencoder.pretrained:  # trained elsewhere: only its latent scale is estimated here
+        if not s.run.autoencoder_weights.is_file():
+            calibrate_autoencoder(s)
         load_autoencoder_weights(s.pipeline.autoencoder, s.run.autoencoder_weights)
         return
     if not train_if_missing:
