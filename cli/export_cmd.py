@@ -27,4 +27,4 @@ def export(
             from n2a_core.export import export_run
 
             report = export_run(run, out, dtype=dtype)
-    console.print(report.summary())
+    console.print(report.summary(), soft_wrap=True)
