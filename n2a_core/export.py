@@ -25,12 +25,12 @@ from safetensors import safe_open
 
 from n2a_core.checkpoint import load_weights, save_weights
 from n2a_core.components import RunDir, build_components, resolve_device
-from n2a_core.data import make_grid_image
+from n2a_core.images import make_grid_image
 from n2a_core.errors import CheckpointError, SpecError
 from n2a_core.generate import LoadedRun, generate, load_run
 from n2a_core.model_card import CardFacts, write_model_card
 from n2a_core.specs import resolve_run_spec
-from n2a_core.train_diffusion import DiffusionModel
+from n2a_core.diffusion_model import DiffusionModel
 
 FORMAT = "n2a-export/1"
 WEIGHTS = "model.safetensors"

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
-from n2a_core.data import tensor_to_image
+from n2a_core.images import tensor_to_image
 from n2a_core.errors import CheckpointError, SpecError
 from n2a_core.export import is_exported, load_exported
 from n2a_core.generate import LoadedRun, check_conditions, generate, load_run
