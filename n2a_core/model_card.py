@@ -70,6 +70,8 @@ class CardFacts:
     """Path of the sample grid relative to the card."""
     name: str
     files: list[str] = field(default_factory=list)
+    library_name: str = "n2a"
+    """n2a, or diffusers for `n2a export --format diffusers`."""
 
     @classmethod
     def from_run(cls, root: Path, spec: RunSpecBase, grid: str | None, files: list[str] | None = None) -> CardFacts:
@@ -102,7 +104,7 @@ def render(facts: CardFacts) -> str:
     license_id = spec.data.data_license()
     front = {
         "license": license_id or "unknown",
-        "library_name": "n2a",
+        "library_name": facts.library_name,
         # The Hub has no class-conditional task; the unconditional one is the closest.
         "pipeline_tag": "text-to-image" if _condition_field(spec) == "caption" else "unconditional-image-generation",
         "tags": tags(spec),
@@ -129,11 +131,7 @@ def render(facts: CardFacts) -> str:
         lines += ["The licence of the training data is **unknown**: the data source declares none and the spec "
                   "sets no `data.license`. Find out the data's licence before sharing these weights or their images; "
                   "they are derived works of it."]
-    lines += ["", "## Use", "", "```python", "from n2a_core import Pipeline", "",
-              'pipe = Pipeline.from_pretrained("PATH-OR-HUB-ID")']
-    example = {"caption": '["red apple"]', "label": '["LABEL"]'}.get(field_, "None")
-    lines += [f"images = pipe({example}, seeds=[0], guidance=3.0)", 'images[0].save("sample.png")', "```", "",
-              "or `n2a sample PATH` on the command line, with n2a installed.", ""]
+    lines += ["", "## Use", ""] + (_diffusers_usage() if facts.library_name == "diffusers" else _n2a_usage(field_))
     lines += ["## Data", "", "```yaml", _yaml_block({"data": spec.data.model_dump(mode="json")}), "```", ""]
     lines += _stage_section("Stage 1: autoencoder", facts.stage1, spec.autoencoder_training.max_steps,
                             {"autoencoder": spec.autoencoder.model_dump(mode="json"),
@@ -148,6 +146,24 @@ def render(facts: CardFacts) -> str:
     lines += ["## Provenance", "", f"- n2a version: {n2a_version()}", f"- spec digest: `{spec.digest()}`",
               f"- seed: {spec.seed}", ""]
     return "\n".join(lines)
+
+
+def _n2a_usage(field_: str | None) -> list[str]:
+    example = {"caption": '["red apple"]', "label": '["LABEL"]'}.get(field_, "None")
+    return ["```python", "from n2a_core import Pipeline", "", 'pipe = Pipeline.from_pretrained("PATH-OR-HUB-ID")',
+            f"images = pipe({example}, seeds=[0], guidance=3.0)", 'images[0].save("sample.png")', "```", "",
+            "or `n2a sample PATH` on the command line, with n2a installed.", ""]
+
+
+def _diffusers_usage() -> list[str]:
+    return ["```python", "from diffusers import DDIMScheduler, UNet2DModel, VQModel", "",
+            'vqvae = VQModel.from_pretrained("PATH-OR-HUB-ID", subfolder="vqvae")',
+            'unet = UNet2DModel.from_pretrained("PATH-OR-HUB-ID", subfolder="unet")',
+            'scheduler = DDIMScheduler.from_pretrained("PATH-OR-HUB-ID", subfolder="scheduler")', "```", "",
+            "`n2a.json` says how to condition: class labels index the UNet's class embedding (index "
+            "`null_class` is \"no condition\", for classifier-free guidance); a caption model takes "
+            "`condition_projection` of the caption embedding as `class_labels`. Decode `latents / "
+            "vqvae.config.scaling_factor`. diffusers' guidance_scale is n2a's 1 + w.", ""]
 
 
 def _stage_section(title: str, record: StageRecord, max_steps: int, settings: dict,

@@ -186,6 +186,7 @@ def train_autoencoder_stage(s: Session, max_steps: int | None = None) -> None:
 def calibrate_autoencoder(s: Session) -> None:
     """Estimate the latent scale on training images and write the weights stage 2 reads."""
     if s.dist.is_main:
+        s.run.autoencoder.mkdir(parents=True, exist_ok=True)  # no stage-1 folder yet for a pretrained one
         calibration = preview_images(s.splits.train, 64)
         scale = export_autoencoder(s.pipeline.autoencoder, calibration.to(s.device), s.run.autoencoder_weights,
                                    s.spec.digest(*AUTOENCODER_FIELDS))
