@@ -111,6 +111,7 @@ class RunDir:
     RUN/diffusion/           stage 2: checkpoints/, metrics.jsonl, grids/
     RUN/cache/               latent cache, rendered data
     RUN/samples/             `n2a sample` output
+    RUN/README.md            model card (n2a_core.model_card), written when `n2a train` ends
     """
 
     def __init__(self, root: str | Path):
