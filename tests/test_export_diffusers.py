@@ -49,7 +49,7 @@ def sets(*extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    """A tiny class-label run; its weights are perturbed so that no part is near zero or identity."""
+    """A tiny class-label run trained by `n2a train` (two steps per stage)."""
     out = tmp_path_factory.mktemp("runs") / "labels"
     result = invoke("train", "--conditioner", "class-label", "--sampler", "ddim", "--out", str(out), *sets())
     assert result.exit_code == 0, result.output
