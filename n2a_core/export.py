@@ -24,7 +24,8 @@ import torch
 from safetensors import safe_open
 
 from n2a_core.checkpoint import load_weights, save_weights
-from n2a_core.components import RunDir, build_components, resolve_device
+from n2a_core.components import RunDir, build_components
+from n2a_core.device import resolve_device
 from n2a_core.images import make_grid_image
 from n2a_core.errors import CheckpointError, SpecError
 from n2a_core.generate import LoadedRun, generate, load_run
