@@ -9,9 +9,9 @@ import torch
 
 from n2a_core.checkpoint import load_autoencoder_weights
 from n2a_core.component import BuildContext
+from n2a_core.components import RunDir, build_components
 from n2a_core.device import resolve_device
 from n2a_core.errors import DataError
-from n2a_core.components import RunDir, build_components
 from n2a_core.plugins import get_registry
 from n2a_core.specs import resolve_run_spec
 from n2a_core.training.autoencoder_stage import psnr, ssim

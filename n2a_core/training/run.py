@@ -18,10 +18,10 @@ from rich.console import Console
 
 from n2a_core.checkpoint import latest_checkpoint, load_autoencoder_weights
 from n2a_core.component import BuildContext
+from n2a_core.components import Components, RunDir, build_components
 from n2a_core.conditioner import check_labels
 from n2a_core.diffusion_model import DiffusionModel
 from n2a_core.errors import CheckpointError, SpecError
-from n2a_core.components import Components, RunDir, build_components
 from n2a_core.images import make_grid_image
 from n2a_core.plugins import get_registry
 from n2a_core.progress import progress_bar
