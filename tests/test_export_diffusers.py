@@ -20,7 +20,7 @@ from n2a_core.errors import SpecError  # noqa: E402
 from n2a_core.export_diffusers import export_diffusers  # noqa: E402
 from n2a_core.generate import generate, load_run  # noqa: E402
 from n2a_core.plugins import get_registry, load_plugins  # noqa: E402
-from n2a_core.specs import BuildContext  # noqa: E402
+from n2a_core.component import BuildContext  # noqa: E402
 from n2a_plugins.unet import UNet  # noqa: E402
 from n2a_plugins.vqgan.model import VQGAN  # noqa: E402
 
