@@ -115,6 +115,8 @@ class Pipeline:
         output_type: 'pil' (list of PIL images) or 'pt' (N x 3 x H x W tensor in [-1, 1]).
         Further keyword options go to `n2a_core.generate.generate` as they are.
         """
+        if output_type not in ("pil", "pt"):
+            raise SpecError(f"output_type: {output_type!r}; use 'pil' or 'pt'")
         wanted = [conditions] if isinstance(conditions, str) else list(conditions or [])
         check_conditions(self.loaded, wanted, None)
         expanded = [c for c in wanted for _ in range(n)] if wanted else [""] * (len(seeds) if seeds else n)
@@ -127,8 +129,4 @@ class Pipeline:
             steps = getattr(sampler_spec, "steps", None)
         images = generate(self.loaded, expanded, seeds, guidance=guidance, sampler_spec=sampler_spec,
                           steps=steps, batch_size=batch_size, progress=progress, **options)
-        if output_type == "pt":
-            return images
-        if output_type != "pil":
-            raise SpecError(f"output_type: {output_type!r}; use 'pil' or 'pt'")
-        return [tensor_to_image(image) for image in images]
+        return images if output_type == "pt" else [tensor_to_image(image) for image in images]
