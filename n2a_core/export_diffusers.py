@@ -74,8 +74,8 @@ def export_diffusers(run_root: Path, out: Path, *, dtype: str = "fp32", device: 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        vqvae.to(torch_dtype).save_pretrained(tmp / "vqvae")
-        parts["unet"].to(torch_dtype).save_pretrained(tmp / "unet")
+        for name, model in (("vqvae", vqvae), ("unet", parts["unet"])):
+            (model.to(torch_dtype) if dtype != "fp32" else model).save_pretrained(tmp / name)
         scheduler.save_pretrained(tmp / "scheduler")
         files = ["vqvae/", "unet/", "scheduler/", "n2a.json"]
         if parts["condition_projection"] is not None:

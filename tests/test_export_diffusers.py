@@ -120,6 +120,18 @@ def test_a_guided_ddim_loop_in_diffusers_draws_n2a_images(run, exported):
     assert (ours - theirs).abs().mean() * 20 < (ours[0] - ours[1]).abs().mean()  # seeds differ far more
 
 
+def test_an_unconditional_model_loads_as_an_ldm_pipeline(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    run, out = tmp_path / "run", tmp_path / "diffusers"
+    assert invoke("train", "--out", str(run), *sets("conditioner=null")).exit_code == 0
+    assert invoke("export", str(run), "--format", "diffusers", "--out", str(out)).exit_code == 0
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert type(pipe).__name__ == "LDMPipeline"
+    images = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
+    assert [im.size for im in images] == [(16, 16), (16, 16)]
+
+
 def test_a_caption_vector_model_maps_through_the_projection_embedding():
     torch.manual_seed(0)
     unet = UNet(in_channels=4, base_channels=16, channel_mult=[1, 2], num_res_blocks=1, num_heads=2,
