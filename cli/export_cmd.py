@@ -14,7 +14,8 @@ def export(
     run: Annotated[Path, typer.Argument(help="A run folder made by `n2a train`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to create (must not exist or be empty).")],
     format: Annotated[Literal["n2a", "diffusers"], typer.Option(
-        "--format", help="n2a: for `n2a sample` and Pipeline.from_pretrained; diffusers: VQModel + UNet + scheduler.")] = "n2a",
+        "--format",
+        help="n2a: for `n2a sample` and Pipeline.from_pretrained; diffusers: VQModel + UNet + scheduler.")] = "n2a",
     dtype: Annotated[Literal["fp32", "fp16", "bf16"], typer.Option(help="Dtype of the saved weights.")] = "fp32",
 ) -> None:
     """Write what sampling needs (EMA weights, spec, labels, sample grid, model card) to --out."""

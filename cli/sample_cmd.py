@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -24,7 +23,8 @@ def sample(
     steps: Annotated[int | None, typer.Option(help="Sampler steps (default: the sampler's).", min=1)] = None,
     n: Annotated[int, typer.Option("--n", help="Images per prompt/label (or in all, unconditionally).", min=1)] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed + i.")] = 0,
-    out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN/samples/<time>).",
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: a new RUN/samples/<time>); "
+                                             "files already in it are kept, new ones numbered after them.",
                                              show_default=False)] = None,
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights.")] = True,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 16,
@@ -32,11 +32,12 @@ def sample(
 ) -> None:
     """Draw images from a trained run, an exported folder or a Hub id, and write PNGs (with
     metadata), samples.jsonl and a grid. A thin layer over `n2a_core.Pipeline`."""
+    from n2a_core.components import newest_run
     from n2a_core.errors import SpecError
     from n2a_core.export import is_exported
-    from n2a_core.components import newest_run
-    from n2a_core.generate import check_conditions, write_samples
+    from n2a_core.generate import SampleWriter, check_conditions, new_samples_folder
     from n2a_core.pipeline import Pipeline
+    from n2a_core.plugins import get_registry
     from n2a_core.progress import progress_bar
 
     with user_errors():
@@ -52,23 +53,25 @@ def sample(
         wanted = list(prompt or label or [])
         field = "caption" if prompt else "label" if label else None
         check_conditions(loaded, wanted, field)
-        total = len(wanted) * n if wanted else n
-        with progress_bar("sampling", total) as bar:
-            images = pipe(wanted, n=n, seed=seed, guidance=guidance, sampler=sampler, steps=steps,
-                          batch_size=batch_size, progress=lambda done, total: bar(done, total), output_type="pt")
         conditions = [c for c in wanted for _ in range(n)] if wanted else [""] * n
         seeds = [seed + i for i in range(len(conditions))]
+        sampler_spec = get_registry().validate_spec("sampler", sampler) if sampler else None
+        if sampler_spec is not None and steps is None and hasattr(sampler_spec, "steps"):
+            steps = sampler_spec.steps  # recorded with every image
         sampler_name = sampler or (loaded.spec.sampler.type if loaded.spec.sampler else None)
         records = [{"index": i, "seed": s, "condition": c, "field": field, "guidance": guidance,
                     "sampler": sampler_name, "steps": steps, "ema": ema, "step": loaded.step,
                     "spec_digest": loaded.spec.digest()}
                    for i, (s, c) in enumerate(zip(seeds, conditions, strict=True))]
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        if out is not None:
-            out_dir = out
-        elif is_exported(loaded.run.root):  # an export (maybe in the Hub cache) stays as shipped
-            out_dir = Path("samples") / f"{Path(str(source)).name}-{stamp}"
-        else:
-            out_dir = loaded.run.samples / stamp
-        grid = write_samples(images, records, out_dir, nrow=n if wanted else None)
+        # A folder of our own (never another call's), and every image on disk as soon as it exists.
+        # An export (maybe in the Hub cache) stays as shipped: its samples go under ./samples.
+        exported = is_exported(loaded.run.root)
+        out_dir = out or new_samples_folder(Path("samples") / Path(str(source)).name if exported
+                                            else loaded.run.samples)
+        writer = SampleWriter(out_dir, records)
+        with progress_bar("sampling", len(seeds)) as bar:
+            images = pipe(wanted, seeds=seeds, n=n, guidance=guidance, sampler=sampler_spec, steps=steps,
+                          batch_size=batch_size, progress=lambda done, total: bar(done, total), output_type="pt",
+                          on_images=writer)
+        grid = writer.write_grid(images, nrow=n if wanted else None)
     console.print(f"{len(images)} images in [bold]{out_dir}[/bold]; grid: {grid}")

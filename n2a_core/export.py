@@ -26,12 +26,12 @@ from safetensors import safe_open
 from n2a_core.checkpoint import load_weights, save_weights
 from n2a_core.components import RunDir, build_components
 from n2a_core.device import resolve_device
-from n2a_core.images import make_grid_image
+from n2a_core.diffusion_model import DiffusionModel
 from n2a_core.errors import CheckpointError, SpecError
 from n2a_core.generate import LoadedRun, generate, load_run
+from n2a_core.images import make_grid_image
 from n2a_core.model_card import CardFacts, write_model_card
 from n2a_core.specs import resolve_run_spec
-from n2a_core.diffusion_model import DiffusionModel
 
 FORMAT = "n2a-export/1"
 WEIGHTS = "model.safetensors"
@@ -126,7 +126,8 @@ def write_grid(loaded: LoadedRun, path: Path) -> Path:
     seeds = list(range(GRID_SEEDS)) * (len(conditions) // GRID_SEEDS)
     guidance = loaded.spec.training.preview_guidance if any(conditions) else 0.0
     images = generate(loaded, conditions, seeds, guidance=guidance)
-    make_grid_image(images, nrow=GRID_SEEDS, captions=[c or f"seed {s}" for c, s in zip(conditions, seeds)]).save(path)
+    captions = [c or f"seed {s}" for c, s in zip(conditions, seeds, strict=True)]
+    make_grid_image(images, nrow=GRID_SEEDS, captions=captions).save(path)
     return path
 
 

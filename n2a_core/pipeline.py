@@ -19,10 +19,11 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
-from n2a_core.images import tensor_to_image
+from n2a_core.component import ComponentSpec
 from n2a_core.errors import CheckpointError, SpecError
 from n2a_core.export import is_exported, load_exported
 from n2a_core.generate import LoadedRun, check_conditions, generate, load_run
+from n2a_core.images import tensor_to_image
 from n2a_core.plugins import get_registry
 from n2a_core.specs import RunSpecBase
 
@@ -99,7 +100,7 @@ class Pipeline:
         n: int = 1,
         seed: int = 0,
         guidance: float = 3.0,
-        sampler: str | dict | None = None,
+        sampler: str | dict | ComponentSpec | None = None,
         steps: int | None = None,
         batch_size: int = 16,
         progress=None,

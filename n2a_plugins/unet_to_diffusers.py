@@ -54,7 +54,7 @@ def _resblock(out: dict, src: ResBlock, dst: str) -> None:
 
 def _attention(out: dict, src: SelfAttention, dst: str) -> None:
     _linear(out, src.norm, f"{dst}.group_norm")
-    for name, w, b in zip(("to_q", "to_k", "to_v"), src.qkv.weight.chunk(3), src.qkv.bias.chunk(3)):
+    for name, w, b in zip(("to_q", "to_k", "to_v"), src.qkv.weight.chunk(3), src.qkv.bias.chunk(3), strict=True):
         out[f"{dst}.{name}.weight"], out[f"{dst}.{name}.bias"] = w, b
     _linear(out, src.proj, f"{dst}.to_out.0")
 

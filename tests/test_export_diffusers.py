@@ -16,11 +16,10 @@ from diffusers.models.embeddings import TimestepEmbedding  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from cli.main import create_app  # noqa: E402
+from n2a_core.component import BuildContext  # noqa: E402
 from n2a_core.errors import SpecError  # noqa: E402
-from n2a_core.export_diffusers import export_diffusers  # noqa: E402
 from n2a_core.generate import generate, load_run  # noqa: E402
 from n2a_core.plugins import get_registry, load_plugins  # noqa: E402
-from n2a_core.component import BuildContext  # noqa: E402
 from n2a_plugins.unet import UNet  # noqa: E402
 from n2a_plugins.vqgan.model import VQGAN  # noqa: E402
 

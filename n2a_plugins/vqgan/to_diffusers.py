@@ -46,7 +46,8 @@ def _resnet(out: dict, src: ResnetBlock, dst: str) -> None:
 def _attention(out: dict, src: AttnBlock, dst: str) -> None:
     """1x1 convs (q, k, v stacked; proj) -> diffusers Attention's linear layers."""
     out[f"{dst}.group_norm.weight"], out[f"{dst}.group_norm.bias"] = src.norm.weight, src.norm.bias
-    for name, w, b in zip(("to_q", "to_k", "to_v"), src.qkv.weight.flatten(1).chunk(3), src.qkv.bias.chunk(3)):
+    for name, w, b in zip(("to_q", "to_k", "to_v"), src.qkv.weight.flatten(1).chunk(3), src.qkv.bias.chunk(3),
+                            strict=True):
         out[f"{dst}.{name}.weight"], out[f"{dst}.{name}.bias"] = w, b
     out[f"{dst}.to_out.0.weight"], out[f"{dst}.to_out.0.bias"] = src.proj.weight.flatten(1), src.proj.bias
 
@@ -85,7 +86,8 @@ def to_vqmodel(model: VQGAN, base_channels: int, channel_mult: list[int], num_re
     z = model.latent_channels
     vq = VQModel(
         in_channels=3, out_channels=3,
-        down_block_types=[("AttnDownEncoderBlock2D" if i in attention_levels else "DownEncoderBlock2D") for i in levels],
+        down_block_types=[("AttnDownEncoderBlock2D" if i in attention_levels else "DownEncoderBlock2D")
+                          for i in levels],
         up_block_types=[("AttnUpDecoderBlock2D" if i in attention_levels else "UpDecoderBlock2D")
                         for i in reversed(levels)],
         block_out_channels=channels, layers_per_block=num_res_blocks, act_fn="silu", latent_channels=z,
