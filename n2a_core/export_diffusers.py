@@ -35,7 +35,7 @@ PREDICTION = {"epsilon": "epsilon", "v": "v_prediction", "sample": "sample"}
 
 
 def export_diffusers(run_root: Path, out: Path, *, dtype: str = "fp32", device: str = "cpu") -> ExportReport:
-    from diffusers import DDIMScheduler
+    from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 
     run_root, out = Path(run_root), Path(out)
     if dtype not in DTYPES:
@@ -76,7 +76,7 @@ def export_diffusers(run_root: Path, out: Path, *, dtype: str = "fp32", device: 
     try:
         for name, model in (("vqvae", vqvae), ("unet", parts["unet"])):
             (model.to(torch_dtype) if dtype != "fp32" else model).save_pretrained(tmp / name)
-        scheduler.save_config(tmp / "scheduler")  # what SchedulerMixin.save_pretrained writes
+        scheduler.save_pretrained(tmp / "scheduler")
         files = ["vqvae/", "unet/", "scheduler/", "n2a.json"]
         if parts["condition_projection"] is not None:
             tensors = {k: v.detach().to(torch_dtype).contiguous() for k, v in
