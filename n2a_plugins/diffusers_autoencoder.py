@@ -19,8 +19,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from n2a_core import Autoencoder, AutoencoderLosses, BuildContext, ComponentSpec, hookimpl
-from n2a_core.errors import PluginError, SpecError
+from n2a_core import Autoencoder, AutoencoderLosses, BuildContext, ComponentSpec, PluginError, SpecError, hookimpl
 
 try:
     from diffusers import AutoencoderKL, VQModel

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from n2a_core.errors import SpecError
+from n2a_core import SpecError
 from n2a_plugins.unet import Downsample, ResBlock, SelfAttention, Stage, UNet
 
 

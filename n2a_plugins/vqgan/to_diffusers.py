@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from n2a_core.errors import SpecError
+from n2a_core import SpecError
 from n2a_plugins.vqgan.losses import group_count
 from n2a_plugins.vqgan.model import VQGAN, AttnBlock, Downsample, ResnetBlock, Upsample
 
