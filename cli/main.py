@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import data_cmd, plugins_cmd, sample_cmd, spec_cmd, train_cmd
+from cli import data_cmd, export_cmd, plugins_cmd, sample_cmd, spec_cmd, train_cmd
 
 
 def create_app() -> typer.Typer:
@@ -17,6 +17,7 @@ def create_app() -> typer.Typer:
     )
     app.command("train")(train_cmd.train)
     app.command("sample")(sample_cmd.sample)
+    app.command("export")(export_cmd.export)
     app.command("train-autoencoder")(train_cmd.train_autoencoder)
     app.command("eval-autoencoder")(train_cmd.eval_autoencoder)
     app.command("list-plugins")(plugins_cmd.list_plugins)

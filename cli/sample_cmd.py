@@ -17,8 +17,9 @@ MAX_IMAGES = 1_000_000
 
 
 def sample(
-    run: Annotated[Path | None, typer.Argument(help="Run folder (default: the newest under ./runs).",
-                                               show_default=False)] = None,
+    run: Annotated[str | None, typer.Argument(
+        help="Run folder, folder made by `n2a export`, or Hub id (default: the newest run under ./runs).",
+        show_default=False)] = None,
     prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="Caption to draw (repeatable).")] = None,
     label: Annotated[list[str] | None, typer.Option("--label", "-l", help="Class label to draw (repeatable).")] = None,
     conditioner: Annotated[str | None, typer.Option(help="Must match the run's conditioner (a check).")] = None,
@@ -37,10 +38,13 @@ def sample(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 16,
     device: Annotated[str, typer.Option(help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps.")] = "auto",
 ) -> None:
-    """Draw images from a trained run and write PNGs (with metadata), samples.jsonl and a grid."""
+    """Draw images from a trained run, an exported folder or a Hub id, and write PNGs (with
+    metadata), samples.jsonl and a grid. A thin layer over `n2a_core.Pipeline`."""
+    from n2a_core.components import newest_run
     from n2a_core.errors import SpecError
-    from n2a_core.generate import SampleWriter, StepCount, check_conditions, generate, load_run, new_samples_folder
-    from n2a_core.pipeline import newest_run
+    from n2a_core.export import is_exported
+    from n2a_core.generate import SampleWriter, StepCount, check_conditions, new_samples_folder
+    from n2a_core.pipeline import Pipeline
     from n2a_core.plugins import get_registry
     from n2a_core.progress import progress_bar
 
@@ -53,8 +57,9 @@ def sample(
         if seeds[-1] > SEED_MAX:
             raise SpecError(f"--seed: image i uses seed + i, so {len(seeds)} images need a seed of at most "
                             f"{SEED_MAX - len(seeds) + 1} (got {seed})")
-        root = run or newest_run()
-        loaded = load_run(root, device=device, ema=ema)
+        source = run or newest_run()
+        pipe = Pipeline.from_pretrained(source, device=device, ema=ema)
+        loaded = pipe.loaded
         if conditioner is not None:
             actual = loaded.spec.conditioner.type if loaded.spec.conditioner else "none"
             if conditioner != actual:
@@ -72,12 +77,15 @@ def sample(
                     "spec_digest": loaded.spec.digest()}
                    for i, (s, c) in enumerate(zip(seeds, conditions, strict=True))]
         # A folder of our own (never another call's), and every image on disk as soon as it exists.
-        out_dir = out or new_samples_folder(loaded.run.samples)
+        # An export (maybe in the Hub cache) stays as shipped: its samples go under ./samples.
+        exported = is_exported(loaded.run.root)
+        out_dir = out or new_samples_folder(Path("samples") / Path(str(source)).name if exported
+                                            else loaded.run.samples)
         evaluations = StepCount()
         writer = SampleWriter(out_dir, records, steps_used=evaluations)
         with progress_bar("sampling", len(seeds)) as bar:
-            images = generate(loaded, conditions, seeds, guidance=guidance, sampler_spec=sampler_spec,
-                              steps=steps, batch_size=batch_size, progress=lambda done, total: bar(done, total),
-                              on_images=writer, callback=evaluations)
+            images = pipe(wanted, seeds=seeds, n=n, guidance=guidance, sampler=sampler_spec, steps=steps,
+                          batch_size=batch_size, progress=lambda done, total: bar(done, total), output_type="pt",
+                          on_images=writer, callback=evaluations)
         grid = writer.write_grid(images, nrow=n if wanted else None)
     console.print(f"{len(images)} images in [bold]{escape(str(out_dir))}[/bold]; grid: {escape(str(grid))}")

@@ -34,7 +34,7 @@ ResumeOption = Annotated[bool, typer.Option("--resume",
 
 def _spec_with_autoencoder_run(config, overrides, plugins, preset):
     """`--autoencoder RUN` names a trained run: take its autoencoder spec and weights."""
-    from n2a_core.pipeline import RunDir
+    from n2a_core.components import RunDir
 
     choice = plugins.get("autoencoder")
     if choice and Path(choice).exists():
@@ -48,7 +48,7 @@ def _spec_with_autoencoder_run(config, overrides, plugins, preset):
 
 
 def _out_dir(out: Path | None, resume: bool, preset: str, config: Path | None) -> Path:
-    from n2a_core.pipeline import newest_run
+    from n2a_core.components import newest_run
 
     if out is not None:
         return out
@@ -104,6 +104,7 @@ def _final_samples(session) -> None:
     """A grid for a handful of conditions, a row of seeds each, at the end of training
     (the quickstart's payoff)."""
     from n2a_core.generate import SampleWriter, StepCount, generate, load_run
+    from n2a_core.model_card import CardFacts, write_model_card
     from n2a_core.safe_files import new_folder
     from n2a_core.training.run import eval_split, preview_conditions
 
@@ -123,6 +124,9 @@ def _final_samples(session) -> None:
     images = generate(loaded, conditions, seeds, guidance=guidance, on_images=writer, callback=evaluations)
     grid = writer.write_grid(images, nrow=FINAL_SEEDS)
     console.print(f"samples: [bold]{escape(str(grid))}[/bold]")
+    card = write_model_card(session.run.root,
+                            CardFacts.from_run(session.run.root, loaded.spec, str(grid.relative_to(session.run.root))))
+    console.print(f"model card: [bold]{escape(str(card))}[/bold]")
 
 
 @plugin_options

@@ -27,12 +27,16 @@ Map of the package (each module's docstring says more):
     presets        the paper presets (`--preset`)
     errors         N2AError and its kinds, did-you-mean
   using the components
-    pipeline       the components of a run built from its spec and checked together; RunDir
+    pipeline       Pipeline: a trained model (run, export or Hub id) called for images
+    components     the components of a run built from its spec and checked together; RunDir
     diffusion_model the trainable part of stage 2 (denoiser + trainable conditioner)
     checkpoint     safetensors checkpoints and weights, written by training, read by generation;
                    validated metadata, fallback past a damaged one
     generate       `n2a sample`: load a run, sample, write PNGs (needs nothing from training)
     images         image decoding, the image transform, grids
+    export         `n2a export`: the Hub-ready folder, and loading it
+    export_diffusers  `n2a export --format diffusers`
+    model_card     README.md with Hub front matter, licence from the data
     safe_files     what concurrent processes and kill -9 cannot break: the run lock,
                    atomic writes, exclusive names
     device, layout, progress   small shared helpers
@@ -56,6 +60,7 @@ if TYPE_CHECKING:
     from n2a_core.hookspecs import hookimpl
     from n2a_core.images import open_image
     from n2a_core.layout import preferred_layout, prefers_channels_last
+    from n2a_core.pipeline import Pipeline
     from n2a_core.plugins import get_registry, load_plugins
     from n2a_core.sampler import (
         Generators,
@@ -80,6 +85,7 @@ _EXPORTS = {
     "n2a_core.hookspecs": ["hookimpl"],
     "n2a_core.images": ["open_image"],
     "n2a_core.layout": ["preferred_layout", "prefers_channels_last"],
+    "n2a_core.pipeline": ["Pipeline"],
     "n2a_core.plugins": ["get_registry", "load_plugins"],
     "n2a_core.sampler": ["Generators", "Sampler", "StepCallback", "TimestepSpacing", "guided_prediction", "randn",
                          "spaced_timesteps", "to_epsilon_and_x0"],
@@ -104,7 +110,7 @@ __all__ = [
     # tensor layout helpers
     "preferred_layout", "prefers_channels_last",
     # using n2a from Python
-    "load_plugins", "get_registry", "load_run_spec",
+    "Pipeline", "load_plugins", "get_registry", "load_run_spec",
 ]
 
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from n2a_core.errors import SpecError
+
 
 @dataclass
 class AutoencoderLosses:
@@ -37,6 +39,9 @@ class Autoencoder(nn.Module, ABC):
     """C, the number of latent channels (n_z)."""
     downsample_factor: int
     """f: spatial size of the latent = image size / f."""
+    pretrained: bool = False
+    """True for a model trained elsewhere: `n2a train` skips stage 1 for it and only
+    estimates its latent_scale on the training images."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -77,6 +82,12 @@ class Autoencoder(nn.Module, ABC):
                 f"image size {height}x{width} is not a multiple of the autoencoder's "
                 f"downsample factor f={f}; use an image_size divisible by {f}"
             )
+
+    def to_diffusers(self, image_size: int):
+        """The same network as a diffusers model (`n2a export --format diffusers`), with
+        `config.scaling_factor` = latent_scale. Plugins without an equivalent keep this refusal."""
+        raise SpecError(f"autoencoder: '{type(self).__name__}' has no diffusers equivalent (its plugin "
+                        "defines no to_diffusers)")
 
     @torch.no_grad()
     def estimate_latent_scale(self, images: torch.Tensor) -> float:

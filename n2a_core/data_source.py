@@ -12,7 +12,7 @@ import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from PIL import Image
 from pydantic import Field
@@ -62,6 +62,16 @@ class DataSourceSpec(ComponentSpec):
     """Seed of the hash-based train/validation split."""
     limit: int | None = Field(None, ge=1)
     """Use at most this many records (handy for quick runs)."""
+    license: str | None = None
+    """Licence of the images as a Hub/SPDX id (e.g. cc-by-4.0), for model cards; None: what
+    the source plugin declares, else unknown. A model trained on them is a derived work."""
+
+    declared_license: ClassVar[str | None] = None
+    """The licence a source plugin knows its data has (OpenMoji: cc-by-sa-4.0)."""
+
+    def data_license(self) -> str | None:
+        """The data's licence id: the spec's `license`, else the plugin's, else None (unknown)."""
+        return self.license or self.declared_license
 
 
 class DataSource(ABC):

@@ -9,6 +9,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from n2a_core.errors import SpecError
+
 PredictionType = Literal["epsilon", "v", "sample"]
 """epsilon: the added noise (DDPM); v: sqrt(a) eps - sqrt(1-a) z0 (Salimans & Ho 2022);
 sample: z0 itself."""
@@ -52,3 +54,12 @@ class Denoiser(nn.Module, ABC):
         cond: torch.Tensor | None = None,
         drop: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
+
+    def to_diffusers(self, sample_size: int, class_embeddings: torch.Tensor | None = None) -> dict:
+        """The same network as diffusers modules (`n2a export --format diffusers`):
+        {"unet": model, "condition_projection": module or None, "null_condition": tensor or None}.
+        `class_embeddings` (N x D), when the conditions are N class labels, lets the plugin fold
+        its condition path into a class-embedding table (row N: no condition). Plugins without
+        an equivalent keep this refusal."""
+        raise SpecError(f"denoiser: '{type(self).__name__}' has no diffusers equivalent (its plugin "
+                        "defines no to_diffusers)")

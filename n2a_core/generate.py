@@ -22,12 +22,12 @@ from PIL.PngImagePlugin import PngInfo
 
 from n2a_core import strict_json
 from n2a_core.checkpoint import load_autoencoder_weights, load_latest_checkpoint
+from n2a_core.components import Components, RunDir, build_components
 from n2a_core.conditioner import Conditioner, check_labels
 from n2a_core.device import resolve_device
 from n2a_core.diffusion_model import DiffusionModel
 from n2a_core.errors import CheckpointError, SpecError
 from n2a_core.images import make_grid_image, tensor_to_image
-from n2a_core.pipeline import Pipeline, RunDir, build_pipeline
 from n2a_core.plugins import get_registry
 from n2a_core.safe_files import FileLock, new_folder, open_new
 from n2a_core.sampler import StepCallback, generators_for_seeds
@@ -38,7 +38,7 @@ from n2a_core.specs import RunSpecBase, resolve_run_spec
 class LoadedRun:
     run: RunDir
     spec: RunSpecBase
-    pipeline: Pipeline
+    components: Components
     model: DiffusionModel
     device: torch.device
     step: int
@@ -53,16 +53,16 @@ def load_run(root: Path, *, device: str = "auto", ema: bool = True) -> LoadedRun
     run = RunDir(root)
     spec = resolve_run_spec(run.read_spec_data())
     device_ = resolve_device(device if device != "auto" else spec.device)
-    pipeline = build_pipeline(spec, vocabulary=run.read_labels(), device=device_, cache_dir=run.cache,
+    components = build_components(spec, vocabulary=run.read_labels(), device=device_, cache_dir=run.cache,
                               training=False)
     weights = Path(spec.autoencoder_weights) if spec.autoencoder_weights else run.autoencoder_weights
     weights = RunDir(weights).autoencoder_weights if weights.is_dir() else weights
-    load_autoencoder_weights(pipeline.autoencoder, weights)
+    load_autoencoder_weights(components.autoencoder, weights)
     found = load_latest_checkpoint(run.diffusion / "checkpoints")  # skips a damaged newest one, with a warning
     if found is None:
         raise CheckpointError(f"{root}: stage 2 has no checkpoint yet; train it with `n2a train --out {root} --resume`")
     checkpoint, tensors, state = found
-    model = DiffusionModel(pipeline.denoiser, pipeline.conditioner)
+    model = DiffusionModel(components.denoiser, components.conditioner)
     group = "stage.ema" if ema else "module.model"
     if group not in tensors:
         raise CheckpointError(f"{checkpoint}: holds no {group} weights; is it a stage 2 checkpoint?"
@@ -71,10 +71,10 @@ def load_run(root: Path, *, device: str = "auto", ema: bool = True) -> LoadedRun
         model.load_state_dict(tensors[group])
     except RuntimeError as exc:
         raise CheckpointError(f"{checkpoint}: weights do not fit the run's spec ({str(exc).splitlines()[0]})") from None
-    for module in (pipeline.autoencoder, model, pipeline.conditioner):
+    for module in (components.autoencoder, model, components.conditioner):
         if module is not None:
             module.to(device_).eval()
-    return LoadedRun(run, spec, pipeline, model, device_, int(state["step"]))
+    return LoadedRun(run, spec, components, model, device_, int(state["step"]))
 
 
 def check_conditions(loaded: LoadedRun, conditions: list[str], field: str | None) -> None:
@@ -115,7 +115,7 @@ def generate(loaded: LoadedRun, conditions: list[str], seeds: list[int], *, guid
     total)` goes to the sampler (after each denoiser step of each batch)."""
     if len(conditions) != len(seeds):
         raise ValueError(f"{len(conditions)} conditions for {len(seeds)} seeds")
-    p = loaded.pipeline
+    p = loaded.components
     sampler = get_registry().build("sampler", sampler_spec) if sampler_spec is not None else p.sampler
     if sampler is None:
         raise SpecError("sampler: the run has no sampler; pass --sampler (see `n2a list-plugins --kind sampler`)")

@@ -1,142 +1,133 @@
-"""Assembling a run spec into components, the cross-component checks, and the run folder.
+"""`Pipeline`: a trained model as a Python object that turns conditions and seeds into images.
 
-Order matters: the autoencoder and conditioner are built first so a denoiser spec that
-leaves `in_channels` or its conditioning unset can take them from the BuildContext; then
-`check_compatible` rejects what still does not fit, before any compute.
+    from n2a_core import Pipeline
+    pipe = Pipeline.from_pretrained("runs/my-run")   # a run folder, an exported folder or a Hub id
+    images = pipe(["red apple", "cat face"], seeds=[0, 1], guidance=3.0, sampler="dpmpp-2m", steps=20)
+
+Its options are those of `n2a sample`, which is a thin layer over it: the call hands them
+to `n2a_core.generate.generate`, the one generation function, so whatever that function
+learns to do arrives here unchanged.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+import re
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
-import yaml
+from PIL import Image
 
-from n2a_core import strict_json
-from n2a_core.autoencoder import Autoencoder
-from n2a_core.component import BuildContext
-from n2a_core.conditioner import Conditioner
-from n2a_core.denoiser import Conditioning, Denoiser
-from n2a_core.errors import SpecError
-from n2a_core.plugins import Registry, get_registry
-from n2a_core.safe_files import write_atomic
-from n2a_core.sampler import Sampler
-from n2a_core.schedule import NoiseSchedule
-from n2a_core.specs import RunSpecBase, read_spec_file
+from n2a_core.component import ComponentSpec
+from n2a_core.errors import CheckpointError, SpecError
+from n2a_core.export import is_exported, load_exported
+from n2a_core.generate import LoadedRun, check_conditions, generate, load_run
+from n2a_core.images import tensor_to_image
+from n2a_core.plugins import get_registry
+from n2a_core.specs import RunSpecBase
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+"""`user/name` as the Hugging Face Hub spells a repository id."""
 
 
-@dataclass
+def resolve_source(source: str | Path, revision: str | None = None) -> Path:
+    """A local folder as is, else a Hub repository id downloaded (or taken from the cache)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if not HUB_ID.match(str(source)):
+        raise SpecError(f"{source}: no such folder; pass a run folder, an exported folder or a Hub id 'user/name'")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=str(source), revision=revision))
+    except Exception as exc:  # offline, unknown repo, no access, network: all the user's to fix
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{source}: not a local folder and could not be downloaded from the Hugging Face "
+                              f"Hub ({type(exc).__name__}: {reason}); check the id, or go online") from None
+
+
 class Pipeline:
-    """The built components of a run (weights random until loaded or trained)."""
+    """A trained n2a model loaded for sampling: call it with conditions to get PIL images."""
 
-    spec: RunSpecBase
-    autoencoder: Autoencoder
-    denoiser: Denoiser
-    schedule: NoiseSchedule
-    conditioner: Conditioner | None
-    sampler: Sampler | None
+    def __init__(self, loaded: LoadedRun):
+        self.loaded = loaded
 
+    @classmethod
+    def from_pretrained(cls, source: str | Path, *, device: str = "auto", ema: bool = True,
+                        revision: str | None = None) -> Pipeline:
+        """Load a run folder (its latest checkpoint, EMA weights unless `ema=False`), a folder
+        written by `n2a export`, or a Hub repository holding one (downloaded once, then cached)."""
+        root = resolve_source(source, revision)
+        if is_exported(root):
+            return cls(load_exported(root, device=device))
+        if not ema:
+            raise SpecError(f"{source}: ema=False needs a run folder; an export holds only the EMA weights")
+        return cls(load_run(root, device=device, ema=ema))
 
-def build_pipeline(
-    spec: RunSpecBase,
-    *,
-    vocabulary: list[str] | None = None,
-    device: torch.device | str = "cpu",
-    cache_dir: Path | None = None,
-    registry: Registry | None = None,
-    training: bool = True,
-) -> Pipeline:
-    """Build every model component of `spec` and check that they fit together."""
-    registry = registry or get_registry()
-    ctx = BuildContext(label_vocabulary=vocabulary, device=device, cache_dir=cache_dir, training=training)
-    autoencoder = registry.build("autoencoder", spec.autoencoder, ctx)
-    ctx.latent_channels = autoencoder.latent_channels
-    conditioner = registry.build("conditioner", spec.conditioner, ctx) if spec.conditioner else None
-    if conditioner is not None:
-        ctx.conditioning = Conditioning(conditioner.output, conditioner.dim)
-    denoiser = registry.build("denoiser", spec.denoiser, ctx)
-    schedule = registry.build("schedule", spec.schedule, ctx)
-    sampler = registry.build("sampler", spec.sampler, ctx) if spec.sampler else None
-    pipeline = Pipeline(spec, autoencoder, denoiser, schedule, conditioner, sampler)
-    check_compatible(pipeline)
-    return pipeline
+    # -- what the model is ------------------------------------------------------------------
+    @property
+    def spec(self) -> RunSpecBase:
+        return self.loaded.spec
 
+    @property
+    def device(self) -> torch.device:
+        return self.loaded.device
 
-def check_compatible(p: Pipeline) -> None:
-    """Raise SpecError with one line per mismatch between components."""
-    problems = []
-    latent = p.autoencoder.latent_channels
-    for side in ("in_channels", "out_channels"):
-        channels = getattr(p.denoiser, side)
-        if channels != latent:
-            problems.append(
-                f"denoiser.{side}: {channels} does not match the autoencoder's {latent} latent channels; "
-                f"set them equal or leave denoiser.{side} unset"
-            )
-    accepts = p.denoiser.conditioning
-    if p.conditioner is None and accepts.kind != "none":
-        problems.append(
-            f"conditioner: the denoiser expects {accepts.kind} conditioning of dim {accepts.dim} but the run "
-            "has no conditioner; choose one with --conditioner or set the denoiser's conditioning to none"
-        )
-    elif p.conditioner is not None and not accepts.accepts(p.conditioner.output, p.conditioner.dim):
-        problems.append(
-            f"conditioner: '{p.spec.conditioner.type}' gives a {p.conditioner.output} of dim {p.conditioner.dim} "
-            f"but the denoiser accepts {accepts.kind} of dim {accepts.dim}; leave the denoiser's cond_dim unset "
-            "or make them equal"
-        )
-    if p.sampler is not None and p.denoiser.prediction_type not in p.sampler.supported_predictions:
-        problems.append(
-            f"sampler: '{p.spec.sampler.type}' does not support {p.denoiser.prediction_type!r} prediction "
-            f"(supports {', '.join(p.sampler.supported_predictions)}); pick another sampler"
-        )
-    if problems:
-        raise SpecError("\n".join(problems))
+    @property
+    def condition_field(self) -> Literal["label", "caption"] | None:
+        """What the conditions are: 'caption' (prompts), 'label' (class labels) or None."""
+        conditioner = self.loaded.conditioner
+        return conditioner.field if conditioner is not None else None
 
+    @property
+    def labels(self) -> list[str] | None:
+        """The class labels a label-conditioned model knows (None otherwise)."""
+        return getattr(self.loaded.conditioner, "labels", None)
 
-class RunDir:
-    """The layout of a run folder.
+    def __repr__(self) -> str:
+        conditioner = self.spec.conditioner.type if self.spec.conditioner else "none"
+        return (f"Pipeline({self.loaded.run.root}, step {self.loaded.step}, conditioner {conditioner}, "
+                f"{self.spec.data.image_size} px, {self.device})")
 
-    RUN/spec.yaml            the resolved run spec
-    RUN/labels.json          the label vocabulary of the training data (if it has labels)
-    RUN/autoencoder/         stage 1: checkpoints/, metrics.jsonl, grids/, weights.safetensors
-    RUN/diffusion/           stage 2: checkpoints/, metrics.jsonl, grids/
-    RUN/cache/               latent cache, rendered data
-    RUN/samples/             `n2a sample` output
-    """
+    # -- drawing ----------------------------------------------------------------------------
+    def __call__(
+        self,
+        conditions: str | Sequence[str] | None = None,
+        *,
+        seeds: Sequence[int] | None = None,
+        n: int = 1,
+        seed: int = 0,
+        guidance: float = 3.0,
+        sampler: str | dict | ComponentSpec | None = None,
+        steps: int | None = None,
+        batch_size: int = 16,
+        progress=None,
+        output_type: Literal["pil", "pt"] = "pil",
+        **options: Any,
+    ) -> list[Image.Image] | torch.Tensor:
+        """Images for `conditions` (prompts or labels, whichever the model reads; None draws
+        unconditionally), `n` per condition.
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.spec_file = self.root / "spec.yaml"
-        self.labels_file = self.root / "labels.json"
-        self.autoencoder = self.root / "autoencoder"
-        self.autoencoder_weights = self.autoencoder / "weights.safetensors"
-        self.diffusion = self.root / "diffusion"
-        self.cache = self.root / "cache"
-        self.samples = self.root / "samples"
-
-    def write_spec(self, spec: RunSpecBase) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.spec_file, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
-
-    def read_spec_data(self) -> dict:
-        if not self.spec_file.is_file():
-            raise SpecError(f"{self.root}: not an n2a run (no spec.yaml); pass a folder made by `n2a train`")
-        return read_spec_file(self.spec_file)
-
-    def write_labels(self, labels: list[str] | None) -> None:
-        if labels is not None:
-            write_atomic(self.labels_file, strict_json.dumps(labels, indent=1))
-
-    def read_labels(self) -> list[str] | None:
-        return json.loads(self.labels_file.read_text()) if self.labels_file.is_file() else None
-
-
-def newest_run(runs_root: Path = Path("runs")) -> Path:
-    """The most recently modified run folder under `runs_root`."""
-    candidates = [p.parent for p in runs_root.glob("*/spec.yaml")]
-    if not candidates:
-        raise SpecError(f"no run found under {runs_root}/; train one with `n2a train` or pass RUN")
-    return max(candidates, key=lambda p: p.stat().st_mtime)
+        seeds: one per image (default seed, seed + 1, ...); an image depends on its seed only.
+        guidance: w of (1+w)·ε(z,c) − w·ε(z,∅) (other tools' scale s = 1 + w).
+        sampler: a sampler plugin name or spec dict (default: the model's); steps likewise.
+        output_type: 'pil' (list of PIL images) or 'pt' (N x 3 x H x W tensor in [-1, 1]).
+        Further keyword options go to `n2a_core.generate.generate` as they are.
+        """
+        if output_type not in ("pil", "pt"):
+            raise SpecError(f"output_type: {output_type!r}; use 'pil' or 'pt'")
+        wanted = [conditions] if isinstance(conditions, str) else list(conditions or [])
+        check_conditions(self.loaded, wanted, None)
+        expanded = [c for c in wanted for _ in range(n)] if wanted else [""] * (len(seeds) if seeds else n)
+        seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(expanded))]
+        if len(seeds) != len(expanded):
+            raise SpecError(f"seeds: {len(seeds)} seeds for {len(expanded)} images "
+                            f"({len(wanted) or 1} condition(s) x n={n}); give one seed per image")
+        sampler_spec = get_registry().validate_spec("sampler", sampler) if sampler is not None else None
+        if sampler_spec is not None and steps is None:
+            steps = getattr(sampler_spec, "steps", None)
+        images = generate(self.loaded, expanded, seeds, guidance=guidance, sampler_spec=sampler_spec,
+                          steps=steps, batch_size=batch_size, progress=progress, **options)
+        return images if output_type == "pt" else [tensor_to_image(image) for image in images]

@@ -167,6 +167,8 @@ OPERATIONAL_FIELDS = frozenset({
     # resume (an error may ask for it); a resume with another batch size is no longer exact
     "grad_accum", "batch_size",
     "time_budget", "autoencoder_time_share",
+    # metadata for model cards, not training
+    "license",
 })
 FORMER_OPERATIONAL_FIELDS = OPERATIONAL_FIELDS - {"batch_size"}
 """What digests left out before batch sizes could change on resume: checkpoints written

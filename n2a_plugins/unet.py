@@ -264,6 +264,10 @@ class UNet(Denoiser):
         self.conditioning = Conditioning(cond_mode, cond_dim or 0)
         self.base_channels = base_channels
         self.num_levels = len(channel_mult)
+        self.architecture = {"base_channels": base_channels, "channel_mult": list(channel_mult),
+                             "num_res_blocks": num_res_blocks, "attention_levels": sorted(set(attention_levels)),
+                             "mid_attention": mid_attention, "num_heads": num_heads, "head_channels": head_channels,
+                             "dropout": dropout, "norm_groups": norm_groups, "scale_shift": scale_shift}
         emb_dim = 4 * base_channels
         widths = [base_channels * m for m in channel_mult]
         attention_levels = set(attention_levels)
@@ -313,6 +317,12 @@ class UNet(Denoiser):
 
         self.norm_out = nn.GroupNorm(norm_groups, ch)
         self.conv_out = nn.Conv2d(ch, self.out_channels, 3, padding=1)
+
+    def to_diffusers(self, sample_size: int, class_embeddings: torch.Tensor | None = None) -> dict:
+        """This UNet as diffusers' UNet2DModel; unet_to_diffusers.py says how conditions map."""
+        from n2a_plugins.unet_to_diffusers import to_unet2d
+
+        return to_unet2d(self, sample_size, class_embeddings, **self.architecture)
 
     # -- inputs ---------------------------------------------------------------------------
     def _check_inputs(self, z_t, t, cond, drop) -> None:

@@ -26,8 +26,8 @@ from test_end_to_end import invoke, sets
 from test_safe_files import DAMAGE, check_sample_folder
 
 from n2a_core.checkpoint import latest_checkpoint, load_checkpoint
+from n2a_core.components import RunDir
 from n2a_core.errors import RunLockedError
-from n2a_core.pipeline import RunDir
 from n2a_core.safe_files import RunLock
 from n2a_core.training.run import lock_run_folder
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from n2a_core.pipeline import build_pipeline
+from n2a_core.components import build_components
 from n2a_core.presets import preset_names, preset_path
 from n2a_core.specs import load_run_spec
 
@@ -48,7 +48,7 @@ def test_example_spec_assembles(path):
     vocabulary = ["impressionism", "cubism", "baroque"]
     # training=False: the LPIPS weights the paper setups train with are not on this machine
     # (their error is tested in test_vqgan); everything else is built as for training.
-    pipeline = build_pipeline(spec, vocabulary=vocabulary, training=False)
+    pipeline = build_components(spec, vocabulary=vocabulary, training=False)
     assert pipeline.denoiser.in_channels == pipeline.autoencoder.latent_channels
     if spec.conditioner is not None:
         assert pipeline.denoiser.conditioning.dim == pipeline.conditioner.dim

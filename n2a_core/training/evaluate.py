@@ -10,9 +10,9 @@ import torch
 
 from n2a_core.checkpoint import load_autoencoder_weights
 from n2a_core.component import BuildContext
+from n2a_core.components import RunDir, build_components
 from n2a_core.device import resolve_device
 from n2a_core.errors import DataError
-from n2a_core.pipeline import RunDir, build_pipeline
 from n2a_core.plugins import get_registry
 from n2a_core.specs import resolve_run_spec
 from n2a_core.training.autoencoder_stage import psnr, ssim
@@ -28,7 +28,7 @@ def evaluate_autoencoder(root: Path, *, data: str | None = None, overrides: Sequ
     run = RunDir(root)
     spec = resolve_run_spec(run.read_spec_data(), plugins={"data": data}, overrides=list(overrides))
     device = resolve_device(spec.device)
-    pipeline = build_pipeline(spec, vocabulary=run.read_labels(), device=device, training=False)
+    pipeline = build_components(spec, vocabulary=run.read_labels(), device=device, training=False)
     model = pipeline.autoencoder.to(device).eval()
     load_autoencoder_weights(model, run.autoencoder_weights)
     splits = make_splits(get_registry().build("data", spec.data, BuildContext(device=device)), spec.data)

@@ -26,11 +26,11 @@ from n2a_core.checkpoint import (
     validate_state,
 )
 from n2a_core.component import BuildContext
+from n2a_core.components import Components, RunDir, build_components
 from n2a_core.conditioner import check_labels
 from n2a_core.diffusion_model import DiffusionModel
 from n2a_core.errors import CheckpointError, DataError, N2AError, RunLockedError, SpecError
 from n2a_core.images import make_grid_image
-from n2a_core.pipeline import Pipeline, RunDir, build_pipeline
 from n2a_core.plugins import get_registry
 from n2a_core.progress import progress_bar
 from n2a_core.safe_files import RunLock, remove_leftovers
@@ -67,7 +67,7 @@ class Session:
     spec: RunSpecBase
     run: RunDir
     device: torch.device
-    pipeline: Pipeline
+    pipeline: Components
     splits: DataSplits
     show_progress: bool
     dist: Dist = SINGLE
@@ -173,7 +173,7 @@ def _prepare_locked(spec: RunSpecBase, run: RunDir, dist: Dist, device: torch.de
     labels = splits.vocabulary.labels if splits.vocabulary is not None else None
     if run.labels_file.is_file() and started_stages(run):
         labels = run.read_labels()  # the run's vocabulary is fixed once it trains
-    pipeline = build_pipeline(spec, vocabulary=labels, device=device, cache_dir=run.cache)
+    pipeline = build_components(spec, vocabulary=labels, device=device, cache_dir=run.cache)
     for module in (pipeline.autoencoder, pipeline.denoiser, pipeline.conditioner):
         if module is not None:
             module.to(device)
@@ -221,7 +221,7 @@ def check_resumed_spec(spec: RunSpecBase, run: RunDir) -> None:
 
 
 # -- checks before any training --------------------------------------------------------------
-def preflight(spec: RunSpecBase, p: Pipeline, splits, device: torch.device, *, stage1: bool, stage2: bool) -> None:
+def preflight(spec: RunSpecBase, p: Components, splits, device: torch.device, *, stage1: bool, stage2: bool) -> None:
     """What would otherwise stop a run after hours of stage 1, checked before its first
     optimizer step: the training split against both global batches, precision against the
     device, preview labels, and one tiny batch through autoencoder -> conditioner ->
@@ -257,7 +257,7 @@ def preflight(spec: RunSpecBase, p: Pipeline, splits, device: torch.device, *, s
             module.train(mode)
 
 
-def one_batch_through(spec: RunSpecBase, p: Pipeline, splits, device: torch.device, stage2: bool) -> None:
+def one_batch_through(spec: RunSpecBase, p: Components, splits, device: torch.device, stage2: bool) -> None:
     """Two training images through every component; an error names the component."""
     items = first_items(splits.train, 2)
     if not items:
@@ -378,11 +378,18 @@ def train_autoencoder_stage(s: Session, max_steps: int | None = None) -> None:
                         earlier_digests=(spec.digest(*AUTOENCODER_FIELDS, operational=FORMER_OPERATIONAL_FIELDS),),
                         dist=dist)
     resume_and_run(loop, "stage 1: autoencoder", max_steps, stage_budgets(spec, s.run)[0], s.show_progress)
-    if dist.is_main:
+    calibrate_autoencoder(s)
+
+
+def calibrate_autoencoder(s: Session) -> None:
+    """Estimate the latent scale on training images and write the weights stage 2 reads."""
+    if s.dist.is_main:
+        s.run.autoencoder.mkdir(parents=True, exist_ok=True)  # no stage-1 folder yet for a pretrained one
         calibration = preview_images(s.splits.train, 64)
-        scale = export_autoencoder(ae, calibration.to(s.device), s.run.autoencoder_weights, digest)
+        scale = export_autoencoder(s.pipeline.autoencoder, calibration.to(s.device), s.run.autoencoder_weights,
+                                   s.spec.digest(*AUTOENCODER_FIELDS))
         console.print(f"stage 1 done: {s.run.autoencoder_weights} (latent scale {scale:.4f})", markup=False)
-    dist.barrier()
+    s.dist.barrier()
 
 
 def stage1_finished(spec: RunSpecBase, run: RunDir) -> bool:
@@ -406,6 +413,11 @@ def resolve_autoencoder(s: Session, train_if_missing: bool = True, max_steps: in
         load_autoencoder_weights(s.pipeline.autoencoder, path)
         return
     if stage1_finished(s.spec, s.run):
+        load_autoencoder_weights(s.pipeline.autoencoder, s.run.autoencoder_weights)
+        return
+    if s.pipeline.autoencoder.pretrained:  # trained elsewhere: only its latent scale is estimated here
+        if not s.run.autoencoder_weights.is_file():
+            calibrate_autoencoder(s)
         load_autoencoder_weights(s.pipeline.autoencoder, s.run.autoencoder_weights)
         return
     if not train_if_missing:

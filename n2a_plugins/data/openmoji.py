@@ -18,7 +18,7 @@ import unicodedata
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import PIL
 from PIL import Image, ImageDraw, ImageFont, features
@@ -61,6 +61,7 @@ class OpenMojiSpec(DataSourceSpec):
     """
 
     type: Literal["openmoji"] = "openmoji"
+    declared_license: ClassVar[str | None] = "cc-by-sa-4.0"  # OpenMoji's artwork licence
     groups: list[str] | None = None
     """Keep only these labels (e.g. [food-drink, animals-nature]); None keeps all."""
     include_extras: bool = False

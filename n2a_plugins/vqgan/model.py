@@ -203,6 +203,8 @@ class VQGAN(Autoencoder):
         self.disc_loss, self.disc_weight = disc_loss, disc_weight
         self.disc_start, self.disc_warmup = disc_start, disc_warmup
         args = (base_channels, tuple(channel_mult), num_res_blocks, set(attention_levels), z_channels, dropout)
+        self.architecture = {"base_channels": base_channels, "channel_mult": list(channel_mult),
+                             "num_res_blocks": num_res_blocks, "attention_levels": sorted(set(attention_levels))}
         self.encoder = Encoder(*args)
         self.decoder = Decoder(*args)
         self.quantizer = VectorQuantizer(
@@ -242,6 +244,12 @@ class VQGAN(Autoencoder):
         """B x h x w indices of the codes picked for `images` (usage/perplexity in eval)."""
         self._check_images(images)
         return self.quantizer.quantize(self.encoder(images))[1]
+
+    def to_diffusers(self, image_size: int):
+        """This autoencoder as a diffusers VQModel; to_diffusers.py says what matches."""
+        from n2a_plugins.vqgan.to_diffusers import to_vqmodel
+
+        return to_vqmodel(self, sample_size=image_size, **self.architecture)
 
     def discriminator_parameters(self) -> list[nn.Parameter]:
         return list(self.discriminator.parameters()) if self.discriminator is not None else []
