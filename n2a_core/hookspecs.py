@@ -39,3 +39,8 @@ def register_samplers(register):
 @hookspec
 def register_data_sources(register):
     """Register data sources (yield images with optional label and caption)."""
+
+
+@hookspec
+def register_feature_extractors(register):
+    """Register feature extractors for generator metrics (images -> feature vectors)."""

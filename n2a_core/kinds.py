@@ -1,4 +1,4 @@
-"""The six component kinds: the run-spec field, hook and interface each one maps to.
+"""The component kinds: the run-spec field, hook and interface each one maps to.
 
 This table is the single place that knows the kinds; the registry, the run spec and the
 CLI all iterate over it, so adding a kind is one line here plus its interface.
@@ -28,5 +28,7 @@ KINDS: dict[str, Kind] = {
         Kind("conditioner", "register_conditioners", "n2a_core.conditioner:Conditioner", None),
         Kind("sampler", "register_samplers", "n2a_core.sampler:Sampler", "ddim"),
         Kind("data", "register_data_sources", "n2a_core.data:DataSource", "openmoji"),
+        Kind("extractor", "register_feature_extractors", "n2a_core.evaluation.features:FeatureExtractor",
+             "random-conv"),
     )
 }
