@@ -131,6 +131,11 @@ class DiffusionTrainingSpec(OptimSpec):
     """The same for a conditioner that reads labels."""
     preview_guidance: float = Field(3.0, ge=0)
     """Guidance weight w of the sample grids."""
+    eval_every: int | None = Field(None, ge=1)
+    """Score the generator as `n2a eval` does every N steps and at the end, with the run's
+    `extractor` (None: off; it costs `eval_images` sampled images each time)."""
+    eval_images: int = Field(1000, ge=2)
+    """Images generated per evaluation during training."""
 
 
 class RunSpecBase(N2ASpec):
@@ -159,6 +164,7 @@ class RunSpecBase(N2ASpec):
 OPERATIONAL_FIELDS = frozenset({
     "max_steps", "log_every", "sample_every", "checkpoint_every", "keep_last", "num_workers",
     "val_every", "val_batches", "sample_steps", "preview_captions", "preview_labels", "preview_guidance", "device",
+    "eval_every", "eval_images", "extractor",
     # the global batch is fixed; how it is split (processes x accumulation) may change on resume
     "grad_accum",
 })

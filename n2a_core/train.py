@@ -22,6 +22,8 @@ from n2a_core.conditioner import check_labels
 from n2a_core.data import collate_samples, make_grid_image, make_splits, report_skipped
 from n2a_core.distributed import SINGLE, Dist, DistributedError, local_batch, rank_seed
 from n2a_core.errors import CheckpointError, SpecError
+from n2a_core.evaluation.generator import GeneratorEvaluator, tracker_metrics, write_result
+from n2a_core.generate import LoadedRun
 from n2a_core.latent_cache import cache_key, encode_dataset, load_or_build
 from n2a_core.loop import BatchStream, TrainingLoop
 from n2a_core.pipeline import Pipeline, RunDir, build_pipeline
@@ -271,7 +273,8 @@ def train_diffusion_stage(s: Session, max_steps: int | None = None) -> Path:
                                                  shuffle=False, collate_fn=collate_latents)
     stage = DiffusionStage(model, p.autoencoder, p.schedule, p.sampler, tspec, s.device, spec.seed,
                            s.run.diffusion, (p.autoencoder.latent_channels, size // f, size // f),
-                           val_data=val_loader, preview_conditions=preview, save_grid=save_grid, dist=dist)
+                           val_data=val_loader, preview_conditions=preview, save_grid=save_grid, dist=dist,
+                           evaluate=generator_evaluation(s) if tspec.eval_every and dist.is_main else None)
     stream = BatchStream(train_data, batch, spec.seed, collate_latents,
                          tspec.num_workers if not tspec.latent_cache else 0, rank=dist.rank, world_size=dist.world_size)
     loop = TrainingLoop(stage, tspec, stream, s.run.diffusion, device=s.device,
@@ -283,6 +286,24 @@ def train_diffusion_stage(s: Session, max_steps: int | None = None) -> Path:
             loop.progress = bar
             loop.run(target)
     return s.run.diffusion
+
+
+def generator_evaluation(s: Session):
+    """`training.eval_every`'s callback: score the EMA model as `n2a eval` does, write
+    RUN/eval/step-*.json, and return the numbers as `eval/*` logs. The reference features
+    are computed at the first call and kept."""
+    evaluator: GeneratorEvaluator | None = None
+
+    def evaluate(model: DiffusionModel, step: int) -> dict[str, float]:
+        nonlocal evaluator
+        if evaluator is None:
+            evaluator = GeneratorEvaluator(s.spec, device=s.device)
+        loaded = LoadedRun(s.run, s.spec, s.pipeline, model, s.device, step)
+        result = evaluator.evaluate(loaded, n=s.spec.training.eval_images, seed=s.spec.seed)
+        write_result(result, s.run.root / "eval")
+        return tracker_metrics(result)
+
+    return evaluate
 
 
 def preview_conditions(dataset, conditioner, tspec: DiffusionTrainingSpec, n: int = 8) -> list[str]:

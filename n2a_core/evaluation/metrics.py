@@ -23,6 +23,8 @@ def _as_float64(features) -> torch.Tensor:
     x = x.detach().to("cpu", torch.float64)
     if x.ndim != 2:
         raise ValueError(f"features must be N x D, got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("features contain NaN or infinity (a diverged generator or a broken extractor)")
     return x
 
 

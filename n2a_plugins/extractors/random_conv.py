@@ -60,5 +60,5 @@ class RandomConvExtractor(FeatureExtractor):
         features = []
         for conv in self.stages:
             x = F.relu(conv(x))
-            features += [x.mean((2, 3)), x.std((2, 3))]
+            features += [x.mean((2, 3)), x.std((2, 3), correction=0)]  # 0, not NaN, on a 1 x 1 map
         return torch.cat(features, 1)
