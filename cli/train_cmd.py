@@ -89,6 +89,7 @@ def _final_samples(session) -> None:
     """A grid for a handful of conditions, a row of seeds each, at the end of training
     (the quickstart's payoff)."""
     from n2a_core.generate import generate, load_run, write_samples
+    from n2a_core.report import write_report
     from n2a_core.train import eval_split, preview_conditions
 
     loaded = load_run(session.run.root, device=str(session.device))
@@ -103,6 +104,7 @@ def _final_samples(session) -> None:
                 "spec_digest": loaded.spec.digest()} for i, (s, c) in enumerate(zip(seeds, conditions, strict=True))]
     grid = write_samples(images, records, session.run.samples / "final", nrow=FINAL_SEEDS)
     console.print(f"samples: [bold]{grid}[/bold]")
+    console.print(f"report: [bold]{write_report(session.run.root)}[/bold]")
 
 
 @plugin_options

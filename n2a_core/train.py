@@ -29,6 +29,7 @@ from n2a_core.loop import BatchStream, TrainingLoop
 from n2a_core.pipeline import Pipeline, RunDir, build_pipeline
 from n2a_core.plugins import get_registry
 from n2a_core.progress import progress_bar
+from n2a_core.report import write_report
 from n2a_core.specs import BuildContext, DiffusionTrainingSpec, RunSpecBase, resolve_run_spec
 from n2a_core.train_autoencoder import AutoencoderStage, export_autoencoder, load_autoencoder_weights
 from n2a_core.train_diffusion import DiffusionModel, DiffusionStage
@@ -47,6 +48,16 @@ def seed_everything(seed: int) -> None:
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, captions: list[str] | None = None) -> None:
     make_grid_image(images.detach().float().cpu(), nrow=nrow, captions=captions).save(path)
+
+
+def preview_saver(run: RunDir):
+    """The stages' `save_grid`: write the grid, then refresh RUN/report.html around it."""
+
+    def save(images: torch.Tensor, path: Path, nrow: int | None = None, captions: list[str] | None = None) -> None:
+        save_grid(images, path, nrow, captions)
+        write_report(run.root)
+
+    return save
 
 
 @dataclass
@@ -169,7 +180,7 @@ def train_autoencoder_stage(s: Session, max_steps: int | None = None) -> None:
     describe_batch(s, "stage 1", tspec, batch)
     digest = spec.digest(*AUTOENCODER_FIELDS)
     preview = preview_images(eval_split(s.splits), 8)
-    stage = AutoencoderStage(ae, tspec, s.device, preview, s.run.autoencoder, save_grid)
+    stage = AutoencoderStage(ae, tspec, s.device, preview, s.run.autoencoder, preview_saver(s.run))
     dist.broadcast_module(ae)  # replicas start equal (the loop averages their gradients)
     stream = BatchStream(s.splits.train, batch, spec.seed, collate_samples, tspec.num_workers,
                          rank=dist.rank, world_size=dist.world_size)
@@ -273,7 +284,7 @@ def train_diffusion_stage(s: Session, max_steps: int | None = None) -> Path:
                                                  shuffle=False, collate_fn=collate_latents)
     stage = DiffusionStage(model, p.autoencoder, p.schedule, p.sampler, tspec, s.device, spec.seed,
                            s.run.diffusion, (p.autoencoder.latent_channels, size // f, size // f),
-                           val_data=val_loader, preview_conditions=preview, save_grid=save_grid, dist=dist,
+                           val_data=val_loader, preview_conditions=preview, save_grid=preview_saver(s.run), dist=dist,
                            evaluate=generator_evaluation(s) if tspec.eval_every and dist.is_main else None)
     stream = BatchStream(train_data, batch, spec.seed, collate_latents,
                          tspec.num_workers if not tspec.latent_cache else 0, rank=dist.rank, world_size=dist.world_size)
@@ -334,4 +345,6 @@ def train_run(spec: RunSpecBase, out: Path, *, resume: bool = False, max_steps: 
         check_labels(session.pipeline.conditioner, spec.training.preview_labels, "training.preview_labels")
     resolve_autoencoder(session)
     train_diffusion_stage(session, max_steps)
+    if session.is_main:
+        write_report(session.run.root)  # with the last step's validation and eval numbers
     return session

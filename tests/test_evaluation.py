@@ -51,6 +51,8 @@ def test_eval_every_scores_the_generator_during_training(label_run):
     logged = [json.loads(line) for line in (label_run / "diffusion" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "eval/fd" in r] == [2, 4]
     assert next(r for r in logged if r["step"] == 4 and "eval/fd" in r)["eval/fd"] == pytest.approx(m["fd"])
+    page = (label_run / "report.html").read_text()  # refreshed at the end, with the last eval
+    assert "<svg" in page and f"{m['fd']:.4g}" in page
 
 
 def test_n2a_eval_writes_strict_json_and_is_seeded(label_run):
