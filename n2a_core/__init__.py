@@ -11,7 +11,7 @@ A plugin module writes::
 
 from n2a_core.autoencoder import Autoencoder, AutoencoderLosses
 from n2a_core.conditioner import Conditioner
-from n2a_core.data import DataSource, DataSourceSpec, Sample
+from n2a_core.data_source import DataSource, DataSourceSpec, Sample
 from n2a_core.denoiser import Conditioning, Denoiser
 from n2a_core.errors import N2AError
 from n2a_core.hookspecs import hookimpl

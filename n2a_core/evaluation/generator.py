@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from n2a_core.data import collate_samples, make_splits
 from n2a_core.errors import DataError
 from n2a_core.evaluation.features import FeatureExtractor, extract_features
 from n2a_core.evaluation.metrics import (
@@ -33,6 +32,7 @@ from n2a_core.evaluation.metrics import (
 from n2a_core.generate import LoadedRun, generate
 from n2a_core.plugins import get_registry
 from n2a_core.specs import BuildContext, RunSpecBase
+from n2a_core.training.batching import collate_samples, make_splits
 
 CLASSIFIER_IMAGES = 2000
 """Labelled training images the k-NN classifier of conditional accuracy is fitted on."""

@@ -20,8 +20,9 @@ from urllib.parse import urlparse
 from PIL import Image
 from pydantic import field_validator
 
-from n2a_core.data import DataSource, DataSourceSpec, Record, Sample, open_image
+from n2a_core.data_source import DataSource, DataSourceSpec, Record, Sample
 from n2a_core.errors import DataError
+from n2a_core.images import open_image
 from n2a_core.specs import BuildContext
 
 BUILDERS = ("parquet", "arrow", "csv", "json", "imagefolder")
