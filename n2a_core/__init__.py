@@ -18,7 +18,8 @@ from n2a_core.hookspecs import hookimpl
 from n2a_core.plugins import get_registry, load_plugins
 from n2a_core.sampler import Sampler
 from n2a_core.schedule import NoiseSchedule
-from n2a_core.specs import BuildContext, ComponentSpec, load_run_spec
+from n2a_core.component import BuildContext, ComponentSpec
+from n2a_core.specs import load_run_spec
 
 __all__ = [
     "Autoencoder", "AutoencoderLosses", "BuildContext", "ComponentSpec", "Conditioner",

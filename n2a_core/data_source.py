@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image
 from pydantic import Field
 
-from n2a_core.specs import ComponentSpec
+from n2a_core.component import ComponentSpec
 
 
 # -- records and samples ---------------------------------------------------------------

@@ -16,10 +16,11 @@ from PIL.PngImagePlugin import PngInfo
 
 from n2a_core.checkpoint import latest_checkpoint, load_autoencoder_weights, load_checkpoint
 from n2a_core.conditioner import Conditioner, check_labels
+from n2a_core.device import resolve_device
 from n2a_core.diffusion_model import DiffusionModel
 from n2a_core.errors import CheckpointError, SpecError
 from n2a_core.images import make_grid_image, tensor_to_image
-from n2a_core.pipeline import Pipeline, RunDir, build_pipeline, resolve_device
+from n2a_core.pipeline import Pipeline, RunDir, build_pipeline
 from n2a_core.plugins import get_registry
 from n2a_core.sampler import generators_for_seeds
 from n2a_core.specs import RunSpecBase, resolve_run_spec

@@ -14,7 +14,7 @@ from n2a_core.errors import CheckpointError
 from n2a_core.evaluation.features import FeatureExtractor, extract_features
 from n2a_core.evaluation.metrics import Gaussian, frechet_distance, kernel_inception_distance, precision_recall
 from n2a_core.plugins import get_registry
-from n2a_core.specs import BuildContext
+from n2a_core.component import BuildContext
 
 
 def shapes(n: int, seed: int, size: int = 32) -> torch.Tensor:

@@ -24,14 +24,15 @@ from typing import Any
 
 import torch
 
-from n2a_core.errors import DataError
 from n2a_core.evaluation.features import FeatureExtractor, extract_features
 from n2a_core.evaluation.metrics import (
     Gaussian, conditional_accuracy, frechet_distance, kernel_inception_distance, knn_classify, precision_recall,
 )
 from n2a_core.generate import LoadedRun, generate
 from n2a_core.plugins import get_registry
-from n2a_core.specs import BuildContext, RunSpecBase
+from n2a_core.component import BuildContext
+from n2a_core.errors import DataError
+from n2a_core.specs import RunSpecBase
 from n2a_core.training.batching import collate_samples, make_splits
 
 CLASSIFIER_IMAGES = 2000

@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 
 from n2a_core.checkpoint import latest_checkpoint, load_autoencoder_weights
+from n2a_core.component import BuildContext
 from n2a_core.conditioner import check_labels
 from n2a_core.diffusion_model import DiffusionModel
 from n2a_core.errors import CheckpointError, SpecError
@@ -27,7 +28,7 @@ from n2a_core.pipeline import Pipeline, RunDir, build_pipeline
 from n2a_core.plugins import get_registry
 from n2a_core.progress import progress_bar
 from n2a_core.report import write_report
-from n2a_core.specs import BuildContext, DiffusionTrainingSpec, RunSpecBase, resolve_run_spec
+from n2a_core.specs import DiffusionTrainingSpec, RunSpecBase, resolve_run_spec
 from n2a_core.training import distributed
 from n2a_core.training.autoencoder_stage import AutoencoderStage, export_autoencoder
 from n2a_core.training.batching import BatchStream, collate_samples, make_splits, report_skipped
