@@ -21,6 +21,9 @@ def evaluate(
                                                        "random-conv): inception for numbers comparable with papers.",
                                                   show_default=False)] = None,
     overrides: SetOption = None,
+    tracker: Annotated[list[str] | None, typer.Option("--tracker", help="Also log the results to this tracker "
+                                                      "(repeatable; the run spec's trackers always get them).",
+                                                      show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed of the conditions and of the first image (image i: seed + i).")] = 0,
     guidance: Annotated[float | None, typer.Option(help="Guidance weight w (default: training.preview_guidance).",
                                                    min=0.0, show_default=False)] = None,
@@ -33,16 +36,19 @@ def evaluate(
     """Draw N images (conditions drawn like the validation split's) and score them against it:
     Fréchet distance, KID ± its standard error, precision and recall (k=3) and, where the data
     has labels, how often a k-NN classifier puts an image in its condition's class.
-    Writes RUN/eval/step-<step>-<extractor>.json."""
-    from n2a_core.evaluation.generator import GeneratorEvaluator, write_result
+    Writes RUN/eval/step-<step>-<extractor>.json and logs the numbers to the run's trackers
+    (as eval/* of stage diffusion: RUN/diffusion/metrics.jsonl, TensorBoard, W&B)."""
+    from n2a_core.evaluation.generator import GeneratorEvaluator, tracker_metrics, write_result
     from n2a_core.generate import load_run
     from n2a_core.pipeline import RunDir, newest_run
+    from n2a_core.plugins import get_registry
     from n2a_core.progress import progress_bar
     from n2a_core.specs import resolve_run_spec
+    from n2a_core.tracking import build_trackers
 
     with user_errors():
         root = run or newest_run()
-        spec = resolve_run_spec(RunDir(root).read_spec_data(), plugins={"extractor": extractor},
+        spec = resolve_run_spec(RunDir(root).read_spec_data(), plugins={"extractor": extractor, "tracker": tracker},
                                 overrides=overrides or [])
         loaded = load_run(root, device=device)
         evaluator = GeneratorEvaluator(spec, spec.extractor, device=loaded.device)
@@ -50,6 +56,11 @@ def evaluate(
             result = evaluator.evaluate(loaded, n=n, seed=seed, guidance=guidance, steps=steps,
                                         batch_size=batch_size, progress=lambda done, total: bar(done, total))
         path = write_result(result, loaded.run.root / "eval")
+        trackers = build_trackers(spec.trackers, root, get_registry())
+        try:
+            trackers.log_metrics("diffusion", result["step"], tracker_metrics(result))
+        finally:
+            trackers.close()
     if not as_json:
         table = Table(title=f"{root} at step {result['step']}: {n} images vs {result['reference']['images']} "
                             f"{result['reference']['split']} images ({result['extractor']['type']} features)")

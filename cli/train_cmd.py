@@ -123,7 +123,10 @@ def train_autoencoder(
     with user_errors():
         spec, out_dir = _run_spec_and_folder(config, overrides, plugins, preset, out, resume)
         session = prepare_run(spec, out_dir, resume=resume)
-        train_autoencoder_stage(session, max_steps)
+        try:
+            train_autoencoder_stage(session, max_steps)
+        finally:
+            session.trackers.close()
 
 
 def eval_autoencoder(

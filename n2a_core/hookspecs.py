@@ -44,3 +44,8 @@ def register_data_sources(register):
 @hookspec
 def register_feature_extractors(register):
     """Register feature extractors for generator metrics (images -> feature vectors)."""
+
+
+@hookspec
+def register_trackers(register):
+    """Register experiment trackers (receive a run's scalars and image grids)."""

@@ -17,6 +17,13 @@ class Kind:
     """Dotted path of the interface class the factory must return."""
     default: str | None
     """The plugin used when a run spec leaves the field out (None: optional, off)."""
+    many: bool = False
+    """A run uses a list of these (`trackers: [...]`, `--tracker A --tracker B`), not one."""
+
+    @property
+    def field(self) -> str:
+        """The run-spec field: the kind's name, plural for a list."""
+        return f"{self.name}s" if self.many else self.name
 
 
 KINDS: dict[str, Kind] = {
@@ -30,5 +37,6 @@ KINDS: dict[str, Kind] = {
         Kind("data", "register_data_sources", "n2a_core.data_source:DataSource", "openmoji"),
         Kind("extractor", "register_feature_extractors", "n2a_core.evaluation.features:FeatureExtractor",
              "random-conv"),
+        Kind("tracker", "register_trackers", "n2a_core.tracking:Tracker", None, many=True),
     )
 }

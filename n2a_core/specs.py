@@ -116,8 +116,8 @@ class RunSpecBase(N2ASpec):
     autoencoder_training: AutoencoderTrainingSpec = Field(default_factory=AutoencoderTrainingSpec)
     training: DiffusionTrainingSpec = Field(default_factory=DiffusionTrainingSpec)
 
-    def component(self, kind: str) -> ComponentSpec | None:
-        return getattr(self, kind)
+    def component(self, kind: str) -> ComponentSpec | list[ComponentSpec] | None:
+        return getattr(self, KINDS[kind].field)
 
     def digest(self, *fields: str) -> str:
         """A short stable hash of the given fields (all when none), for cache keys and
@@ -130,7 +130,7 @@ class RunSpecBase(N2ASpec):
 OPERATIONAL_FIELDS = frozenset({
     "max_steps", "log_every", "sample_every", "checkpoint_every", "keep_last", "num_workers",
     "val_every", "val_batches", "sample_steps", "preview_captions", "preview_labels", "preview_guidance", "device",
-    "eval_every", "eval_images", "extractor",
+    "eval_every", "eval_images", "extractor", "trackers",
     # the global batch is fixed; how it is split (processes x accumulation) may change on resume
     "grad_accum",
 })
@@ -146,6 +146,10 @@ def _without(data: Any, keys: frozenset[str]) -> Any:
 def _run_spec_model(registry) -> type[RunSpecBase]:
     fields: dict[str, Any] = {}
     for kind in KINDS.values():
+        if kind.many:
+            item = registry.spec_type(kind.name) if registry.names(kind.name) else Any
+            fields[kind.field] = (list[item], Field(default_factory=list))
+            continue
         if not registry.names(kind.name):
             fields[kind.name] = (Any, None)
             continue
@@ -210,9 +214,15 @@ def apply_set(data: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = value
 
 
-def choose_plugin(data: dict[str, Any], kind: str, name: str | None) -> None:
-    """Apply `--<kind> NAME`: keep the section's params if the plugin stays the same."""
+def choose_plugin(data: dict[str, Any], kind: str, name: str | list[str] | None) -> None:
+    """Apply `--<kind> NAME`: keep the section's params if the plugin stays the same. For a
+    list kind (`--tracker A --tracker B`) each name missing from the list is added."""
     if name is None:
+        return
+    if KINDS[kind].many:
+        entries = data.setdefault(KINDS[kind].field, [])
+        present = {e if isinstance(e, str) else e.get("type") for e in entries}
+        entries += [{"type": n} for n in ([name] if isinstance(name, str) else name) if n not in present]
         return
     if name in ("none", "null") and KINDS[kind].default is None:
         data[kind] = None
@@ -237,7 +247,20 @@ def resolve_run_spec(
         choose_plugin(data, kind, name)
     for assignment in overrides:
         apply_set(data, assignment)
-    for kind in KINDS:  # unknown plugin names first: the clearest error there is
+    for kind in (k for k in KINDS.values() if k.many):
+        entries = data.get(kind.field)
+        if entries is None:
+            continue
+        if not isinstance(entries, list):
+            raise SpecError(f"{kind.field}: expected a list of {kind.name} plugins, e.g. [tensorboard]")
+        entries = data[kind.field] = [{"type": e} if isinstance(e, str) else e for e in entries]
+        for i, entry in enumerate(entries):
+            if isinstance(entry, dict) and "type" in entry:
+                try:
+                    registry.get(kind.name, entry["type"])
+                except Exception as exc:
+                    raise SpecError(f"{kind.field}[{i}].type: {str(exc).split(': ', 1)[1]}") from None
+    for kind in (k for k in KINDS if not KINDS[k].many):  # unknown plugin names first: the clearest error there is
         section = data.get(kind)
         if isinstance(section, str):
             section = data[kind] = {"type": section}

@@ -31,7 +31,7 @@ def invoke(*args: str):
 def label_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "labels"
     sets = [a for s in TINY for a in ("--set", s)]
-    result = invoke("train", "--conditioner", "class-label", "--out", str(out), *sets)
+    result = invoke("train", "--conditioner", "class-label", "--tracker", "tensorboard", "--out", str(out), *sets)
     assert result.exit_code == 0, result.output
     return out
 
@@ -79,3 +79,16 @@ def test_n2a_eval_table_and_errors(label_run, tmp_path, monkeypatch):
     assert typo.exit_code == 1 and "did you mean 'inception'" in typo.output
     not_a_run = invoke("eval", str(tmp_path))
     assert not_a_run.exit_code == 1 and "not an n2a run" in not_a_run.output
+
+
+def test_training_hands_metrics_grids_and_evals_to_the_trackers(label_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(label_run / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"diffusion/loss/model", "diffusion/val/loss", "diffusion/eval/fd", "autoencoder/loss/autoencoder"} <= set(tags["scalars"])
+    assert {"diffusion/samples", "autoencoder/recon"} <= set(tags["images"])
+    # Training's evals at steps 2 and 4; `n2a eval` (other tests here) adds more at step 4.
+    assert [e.step for e in events.Scalars("diffusion/eval/fd")][:2] == [2, 4]
+    assert [e.step for e in events.Images("diffusion/samples")] == [2, 4]

@@ -18,7 +18,6 @@ state draw fresh noise (seeded from the run seed, their rank and the step).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import random
@@ -39,6 +38,7 @@ from n2a_core.checkpoint import (
 )
 from n2a_core.errors import CheckpointError
 from n2a_core.specs import OptimSpec
+from n2a_core.tracking import JsonlTracker, Trackers
 from n2a_core.training.batching import BatchStream
 from n2a_core.training.distributed import SINGLE, Dist, peer_failures, rank_seed
 
@@ -163,7 +163,8 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 class TrainingLoop:
     """Runs a Stage for `spec.max_steps` optimizer steps with checkpoints under `out_dir`.
 
-    Writes ``out_dir/metrics.jsonl`` (one JSON object per logged step) and
+    Hands its logs to `trackers` (by default only ``out_dir/metrics.jsonl``, one JSON
+    object per logged step) and writes
     ``out_dir/checkpoints/step-*/``. With several processes (`dist`), every rank runs the
     loop; rank 0 alone logs, evaluates and writes, and the others wait for its checkpoints.
     """
@@ -171,8 +172,10 @@ class TrainingLoop:
     def __init__(self, stage: Stage, spec: OptimSpec, stream: BatchStream, out_dir: Path, *,
                  device: torch.device, spec_digest: str, is_main: bool = True,
                  progress: Callable[..., Any] | None = None, sync: Callable[[], None] | None = None,
-                 dist: Dist = SINGLE):
+                 dist: Dist = SINGLE, trackers: Trackers | None = None):
         self.stage, self.spec, self.stream, self.out_dir = stage, spec, stream, Path(out_dir)
+        # What is logged goes to the run's trackers; alone, the loop keeps out_dir/metrics.jsonl.
+        self.trackers = trackers or Trackers([JsonlTracker(self.out_dir, per_stage=False)])
         self.device, self.spec_digest = device, spec_digest
         self.dist = dist
         self.is_main = is_main and dist.is_main
@@ -318,9 +321,7 @@ class TrainingLoop:
     def log(self, record: dict[str, Any]) -> None:
         if not self.is_main:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        self.trackers.log_metrics(self.stage.name, record["step"], record)
 
     def run(self, max_steps: int | None = None) -> int:
         """Train until `max_steps` (default spec.max_steps); checkpoint on the way and at the end.

@@ -9,11 +9,12 @@ run folder, and the others wait where they need what it wrote.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from rich.console import Console
 
 from n2a_core.checkpoint import latest_checkpoint, load_autoencoder_weights
@@ -29,6 +30,7 @@ from n2a_core.plugins import get_registry
 from n2a_core.progress import progress_bar
 from n2a_core.report import write_report
 from n2a_core.specs import DiffusionTrainingSpec, RunSpecBase, resolve_run_spec
+from n2a_core.tracking import Trackers, build_trackers
 from n2a_core.training import distributed
 from n2a_core.training.autoencoder_stage import AutoencoderStage, export_autoencoder
 from n2a_core.training.batching import BatchStream, collate_samples, make_splits, report_skipped
@@ -53,11 +55,15 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, caption
     make_grid_image(images.detach().float().cpu(), nrow=nrow, captions=captions).save(path)
 
 
-def preview_saver(run: RunDir):
-    """The stages' `save_grid`: write the grid, then refresh RUN/report.html around it."""
+def preview_saver(run: RunDir, trackers: Trackers):
+    """The stages' `save_grid`: write the grid (RUN/<stage>/grids/<tag>-<step>.png), hand it
+    to the trackers, then refresh RUN/report.html around it."""
 
     def save(images: torch.Tensor, path: Path, nrow: int | None = None, captions: list[str] | None = None) -> None:
         save_grid(images, path, nrow, captions)
+        tag, _, step = path.stem.rpartition("-")
+        with Image.open(path) as image:
+            trackers.log_image(path.parent.parent.name, tag, int(step), image)
         write_report(run.root)
 
     return save
@@ -75,6 +81,8 @@ class Session:
     show_progress: bool
     dist: Dist = SINGLE
     """This process's place in a multi-process job (SINGLE for one process)."""
+    trackers: Trackers = field(default_factory=Trackers)
+    """Where metrics and grids go (jsonl and the spec's trackers on rank 0; none elsewhere)."""
 
     @property
     def is_main(self) -> bool:
@@ -120,6 +128,7 @@ def prepare_run(spec: RunSpecBase, out: Path, *, resume: bool, show_progress: bo
     dist.barrier()  # every rank has looked before rank 0 writes spec.yaml
     seed_everything(spec.seed)  # the same on every rank: identical initial weights
     registry = get_registry()
+    trackers = build_trackers(spec.trackers, run.root, registry, is_main=dist.is_main)  # a missing extra stops here
     with dist.main_first():  # rank 0 fills render and download caches, the others reuse them
         source = registry.build("data", spec.data, BuildContext(device=device))
         splits = make_splits(source, spec.data)
@@ -144,7 +153,7 @@ def prepare_run(spec: RunSpecBase, out: Path, *, resume: bool, show_progress: bo
                                "(--out) must be on a filesystem every node shares")
     if dist.rank:
         seed_everything(rank_seed(spec.seed, dist.rank))  # own dropout masks and flips from here on
-    return Session(spec, run, device, pipeline, splits, show_progress and dist.is_main, dist)
+    return Session(spec, run, device, pipeline, splits, show_progress and dist.is_main, dist, trackers)
 
 
 def first_items(dataset, n: int) -> list[dict]:
@@ -183,11 +192,12 @@ def train_autoencoder_stage(s: Session, max_steps: int | None = None) -> None:
     describe_batch(s, "stage 1", tspec, batch)
     digest = spec.digest(*AUTOENCODER_FIELDS)
     preview = preview_images(eval_split(s.splits), 8)
-    stage = AutoencoderStage(ae, tspec, s.device, preview, s.run.autoencoder, preview_saver(s.run))
+    stage = AutoencoderStage(ae, tspec, s.device, preview, s.run.autoencoder, preview_saver(s.run, s.trackers))
     dist.broadcast_module(ae)  # replicas start equal (the loop averages their gradients)
     stream = BatchStream(s.splits.train, batch, spec.seed, collate_samples, tspec.num_workers,
                          rank=dist.rank, world_size=dist.world_size)
-    loop = TrainingLoop(stage, tspec, stream, s.run.autoencoder, device=s.device, spec_digest=digest, dist=dist)
+    loop = TrainingLoop(stage, tspec, stream, s.run.autoencoder, device=s.device, spec_digest=digest, dist=dist,
+                        trackers=s.trackers)
     loop.resume()
     target = max_steps or tspec.max_steps
     if loop.step < target:
@@ -287,12 +297,12 @@ def train_diffusion_stage(s: Session, max_steps: int | None = None) -> Path:
                                                  shuffle=False, collate_fn=collate_latents)
     stage = DiffusionStage(model, p.autoencoder, p.schedule, p.sampler, tspec, s.device, spec.seed,
                            s.run.diffusion, (p.autoencoder.latent_channels, size // f, size // f),
-                           val_data=val_loader, preview_conditions=preview, save_grid=preview_saver(s.run), dist=dist,
+                           val_data=val_loader, preview_conditions=preview, save_grid=preview_saver(s.run, s.trackers), dist=dist,
                            evaluate=generator_evaluation(s) if tspec.eval_every and dist.is_main else None)
     stream = BatchStream(train_data, batch, spec.seed, collate_latents,
                          tspec.num_workers if not tspec.latent_cache else 0, rank=dist.rank, world_size=dist.world_size)
     loop = TrainingLoop(stage, tspec, stream, s.run.diffusion, device=s.device,
-                        spec_digest=spec.digest(*DIFFUSION_FIELDS), dist=dist)
+                        spec_digest=spec.digest(*DIFFUSION_FIELDS), dist=dist, trackers=s.trackers)
     loop.resume()
     target = max_steps or tspec.max_steps
     if loop.step < target:
@@ -346,8 +356,11 @@ def train_run(spec: RunSpecBase, out: Path, *, resume: bool = False, max_steps: 
     session = prepare_run(spec, Path(out), resume=resume, show_progress=show_progress)
     if session.pipeline.conditioner is not None:  # before stage 1, not after it
         check_labels(session.pipeline.conditioner, spec.training.preview_labels, "training.preview_labels")
-    resolve_autoencoder(session)
-    train_diffusion_stage(session, max_steps)
+    try:
+        resolve_autoencoder(session)
+        train_diffusion_stage(session, max_steps)
+    finally:
+        session.trackers.close()
     if session.is_main:
         write_report(session.run.root)  # with the last step's validation and eval numbers
     return session
