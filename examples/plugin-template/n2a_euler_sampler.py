@@ -1,8 +1,8 @@
 """A template n2a plugin: the Euler sampler of Karras et al. 2022 (Algorithm 1, no churn).
 
 Copy this package to start your own: rename the module, the entry point in pyproject.toml
-and the registered name, then replace the class. Everything n2a needs is here:
-a spec (pydantic, `type` literal = the name), a factory, and one `register_*` hook.
+and the spec's `type` literal, then replace the class. Everything n2a needs is here:
+a spec (pydantic, its `type` literal is the name), the class, and one `register_*` hook.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from n2a_core import ComponentSpec, Sampler, hookimpl
-from n2a_core.sampler import guided_prediction, randn, to_epsilon_and_x0
+from n2a_core import ComponentSpec, Sampler, guided_prediction, hookimpl, randn, to_epsilon_and_x0
 
 
 class EulerSpec(ComponentSpec):
@@ -49,5 +48,4 @@ class EulerSampler(Sampler):
 
 @hookimpl
 def register_samplers(register):
-    register("euler", EulerSpec, lambda spec, ctx: EulerSampler(**spec.params()),
-             "Euler ODE sampler (Karras et al. 2022) — the plugin template")
+    register(EulerSpec, EulerSampler, "Euler ODE sampler (Karras et al. 2022) — the plugin template")

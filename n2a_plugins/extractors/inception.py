@@ -21,9 +21,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
 
-from n2a_core import ComponentSpec
-from n2a_core.errors import CheckpointError
-from n2a_core.evaluation.features import FeatureExtractor
+from n2a_core import CheckpointError, ComponentSpec, FeatureExtractor
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}"

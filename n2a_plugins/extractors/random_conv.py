@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from n2a_core import ComponentSpec
-from n2a_core.evaluation.features import FeatureExtractor
+from n2a_core import ComponentSpec, FeatureExtractor
 
 
 class RandomConvSpec(ComponentSpec):

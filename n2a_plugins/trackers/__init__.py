@@ -1,7 +1,6 @@
 """Built-in experiment trackers: jsonl (always on), TensorBoard and Weights & Biases."""
 
-from n2a_core import hookimpl
-from n2a_core.tracking import JsonlSpec, JsonlTracker
+from n2a_core import JsonlSpec, JsonlTracker, hookimpl
 from n2a_plugins.trackers.tensorboard import TensorBoardSpec, build_tensorboard
 from n2a_plugins.trackers.wandb_tracker import WandbSpec, build_wandb
 

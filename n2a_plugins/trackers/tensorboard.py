@@ -12,9 +12,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from n2a_core import ComponentSpec
-from n2a_core.errors import PluginError
-from n2a_core.tracking import Tracker
+from n2a_core import ComponentSpec, PluginError, Tracker
 
 
 class TensorBoardSpec(ComponentSpec):

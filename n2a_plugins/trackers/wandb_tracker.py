@@ -14,9 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Literal
 
-from n2a_core import ComponentSpec
-from n2a_core.errors import PluginError
-from n2a_core.tracking import Tracker
+from n2a_core import ComponentSpec, PluginError, Tracker
 
 
 class WandbSpec(ComponentSpec):

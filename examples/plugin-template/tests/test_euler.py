@@ -4,7 +4,7 @@ so the sampler must reproduce the data's mean and variance."""
 import torch
 from torch import nn
 
-from n2a_core.schedule import NoiseSchedule
+from n2a_core import NoiseSchedule
 from n2a_euler_sampler import EulerSampler
 
 
