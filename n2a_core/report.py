@@ -25,7 +25,7 @@ MAX_GRIDS = 12
 """Grids shown per kind, spread evenly over training (the last one always included)."""
 MAX_POINTS = 600
 """Points drawn per curve; longer logs are thinned evenly."""
-SKIPPED_KEYS = {"step", "elapsed_s"}
+SKIPPED_KEYS = {"step", "elapsed_s", "eval/kid_se", "eval/kid_std"}  # the KID errors show in the eval table
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf"]
 
 
