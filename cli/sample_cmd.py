@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -23,7 +22,8 @@ def sample(
     steps: Annotated[int | None, typer.Option(help="Sampler steps (default: the sampler's).", min=1)] = None,
     n: Annotated[int, typer.Option("--n", help="Images per prompt/label (or in all, unconditionally).", min=1)] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed + i.")] = 0,
-    out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN/samples/<time>).",
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: a new RUN/samples/<time>); "
+                                             "files already in it are kept, new ones numbered after them.",
                                              show_default=False)] = None,
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights.")] = True,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 16,
@@ -31,10 +31,10 @@ def sample(
 ) -> None:
     """Draw images from a trained run and write PNGs (with metadata), samples.jsonl and a grid."""
     from n2a_core.errors import SpecError
-    from n2a_core.generate import check_conditions, generate, load_run, write_samples
+    from n2a_core.generate import SampleWriter, check_conditions, generate, load_run, new_samples_folder
     from n2a_core.pipeline import newest_run
-    from n2a_core.progress import progress_bar
     from n2a_core.plugins import get_registry
+    from n2a_core.progress import progress_bar
 
     with user_errors():
         if prompt and label:
@@ -53,14 +53,17 @@ def sample(
         sampler_spec = get_registry().validate_spec("sampler", sampler) if sampler else None
         if sampler_spec is not None and steps is None and hasattr(sampler_spec, "steps"):
             steps = sampler_spec.steps
-        with progress_bar("sampling", len(seeds)) as bar:
-            images = generate(loaded, conditions, seeds, guidance=guidance, sampler_spec=sampler_spec,
-                              steps=steps, batch_size=batch_size, progress=lambda done, total: bar(done, total))
         sampler_name = sampler or (loaded.spec.sampler.type if loaded.spec.sampler else None)
         records = [{"index": i, "seed": s, "condition": c, "field": field, "guidance": guidance,
                     "sampler": sampler_name, "steps": steps, "ema": ema, "step": loaded.step,
                     "spec_digest": loaded.spec.digest()}
                    for i, (s, c) in enumerate(zip(seeds, conditions, strict=True))]
-        out_dir = out or loaded.run.samples / time.strftime("%Y%m%d-%H%M%S")
-        grid = write_samples(images, records, out_dir, nrow=n if wanted else None)
+        # A folder of our own (never another call's), and every image on disk as soon as it exists.
+        out_dir = out or new_samples_folder(loaded.run.samples)
+        writer = SampleWriter(out_dir, records)
+        with progress_bar("sampling", len(seeds)) as bar:
+            images = generate(loaded, conditions, seeds, guidance=guidance, sampler_spec=sampler_spec,
+                              steps=steps, batch_size=batch_size, progress=lambda done, total: bar(done, total),
+                              on_images=writer)
+        grid = writer.write_grid(images, nrow=n if wanted else None)
     console.print(f"{len(images)} images in [bold]{out_dir}[/bold]; grid: {grid}")

@@ -131,7 +131,8 @@ def line_chart(title: str, series: dict[str, list[tuple[float, float]]], width: 
     parts = [f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(title)}">',
              f'<text x="{left}" y="15" class="title">{html.escape(title)}</text>',
-             f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" class="frame"/>']
+             f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" '
+             'class="frame"/>']
     for y in _nice_ticks(y_lo, y_hi):
         parts.append(f'<line x1="{left}" x2="{width - right}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" class="grid"/>'
                      f'<text x="{left - 4}" y="{sy(y) + 3:.1f}" class="tick" text-anchor="end">{_fmt(y)}</text>')
@@ -218,11 +219,15 @@ def eval_table(results: list[dict]) -> str:
         cells = []
         for c in columns:
             value = m.get(c)
-            text = "–" if value is None else (f"{value:.5f} ± {m.get('kid_se', 0):.5f}" if c == "kid" else f"{value:.4g}")
+            if value is None:
+                text = "–"
+            else:
+                text = f"{value:.5f} ± {m.get('kid_se', 0):.5f}" if c == "kid" else f"{value:.4g}"
             cells.append(f"<td>{text}</td>")
         reference = r.get("reference", {})
         rows.append(f"<tr><td>{r.get('step')}</td><td>{html.escape(str(r.get('extractor', {}).get('type')))}</td>"
-                    f"<td>{r.get('images')}</td><td>{reference.get('images')} {html.escape(str(reference.get('split')))}"
+                    f"<td>{r.get('images')}</td>"
+                    f"<td>{reference.get('images')} {html.escape(str(reference.get('split')))}"
                     f"</td>{''.join(cells)}</tr>")
     return f'<table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
@@ -252,7 +257,9 @@ def render_report(root: Path) -> str:
     diffusion_records = read_metrics(root / "diffusion" / "metrics.jsonl")
     spec_text = (root / "spec.yaml").read_text() if (root / "spec.yaml").is_file() else "(no spec.yaml)"
     card = root / "README.md"
-    final = root / "samples" / "final" / "grid.png"
+    # `n2a train` writes samples/final, then final-2, ... after a resume: show the newest.
+    finals = sorted((root / "samples").glob("final*/grid.png"), key=lambda p: p.stat().st_mtime)
+    final = finals[-1] if finals else None
     steps = [f"stage 1: step {ae_records[-1]['step']}" if ae_records else "stage 1: not started",
              f"stage 2: step {diffusion_records[-1]['step']}" if diffusion_records else "stage 2: not started"]
 
@@ -270,10 +277,11 @@ def render_report(root: Path) -> str:
         f"{html.escape(str(root.resolve()))}</p>",
         stage_section("Stage 2: diffusion", diffusion_records),
         "<h2>Generator evaluation (n2a eval)</h2>", eval_table(read_results(root / "eval")),
-        "<h2>Samples over training</h2>", gallery(grids_over_time(root / "diffusion" / "grids", "samples"), step_caption),
+        "<h2>Samples over training</h2>",
+        gallery(grids_over_time(root / "diffusion" / "grids", "samples"), step_caption),
     ]
-    if final.is_file():
-        body += ["<h2>Final samples</h2>", gallery([final], lambda p: "samples/final/grid.png")]
+    if final is not None:
+        body += ["<h2>Final samples</h2>", gallery([final], lambda p: str(p.relative_to(root)))]
     body += [
         stage_section("Stage 1: autoencoder", ae_records),
         "<h2>Reconstructions over training (top: input, bottom: reconstruction)</h2>",

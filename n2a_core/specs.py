@@ -14,7 +14,7 @@ import hashlib
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, create_model, model_validator
@@ -24,7 +24,6 @@ from n2a_core.errors import SpecError
 from n2a_core.kinds import KINDS
 from n2a_core.plugins import Registry, get_registry
 from n2a_core.spec_errors import format_validation_error
-
 
 # -- training sections -------------------------------------------------------------------
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -116,6 +115,9 @@ class RunSpecBase(N2ASpec):
     autoencoder_training: AutoencoderTrainingSpec = Field(default_factory=AutoencoderTrainingSpec)
     training: DiffusionTrainingSpec = Field(default_factory=DiffusionTrainingSpec)
 
+    if TYPE_CHECKING:  # type checkers cannot see the fields run_spec_model adds (one per kind)
+        def __getattr__(self, name: str) -> Any: ...
+
     def component(self, kind: str) -> ComponentSpec | list[ComponentSpec] | None:
         return getattr(self, KINDS[kind].field)
 
@@ -148,7 +150,7 @@ def _run_spec_model(registry) -> type[RunSpecBase]:
     for kind in KINDS.values():
         if kind.many:
             item = registry.spec_type(kind.name) if registry.names(kind.name) else Any
-            fields[kind.field] = (list[item], Field(default_factory=list))
+            fields[kind.field] = (list[item], Field(default_factory=list))  # type: ignore[valid-type]
             continue
         if not registry.names(kind.name):
             fields[kind.name] = (Any, None)
@@ -233,6 +235,23 @@ def choose_plugin(data: dict[str, Any], kind: str, name: str | list[str] | None)
     data[kind] = {"type": name}
 
 
+def _check_list_kinds(data: dict[str, Any], registry: Registry) -> None:
+    """`trackers: [tensorboard, {type: wandb}]`: names become sections; unknown ones are refused."""
+    for kind in (k for k in KINDS.values() if k.many):
+        entries = data.get(kind.field)
+        if entries is None:
+            continue
+        if not isinstance(entries, list):
+            raise SpecError(f"{kind.field}: expected a list of {kind.name} plugins, e.g. [tensorboard]")
+        entries = data[kind.field] = [{"type": e} if isinstance(e, str) else e for e in entries]
+        for i, entry in enumerate(entries):
+            if isinstance(entry, dict) and "type" in entry:
+                try:
+                    registry.get(kind.name, entry["type"])
+                except Exception as exc:
+                    raise SpecError(f"{kind.field}[{i}].type: {str(exc).split(': ', 1)[1]}") from None
+
+
 def resolve_run_spec(
     data: dict[str, Any],
     *,
@@ -247,19 +266,7 @@ def resolve_run_spec(
         choose_plugin(data, kind, name)
     for assignment in overrides:
         apply_set(data, assignment)
-    for kind in (k for k in KINDS.values() if k.many):
-        entries = data.get(kind.field)
-        if entries is None:
-            continue
-        if not isinstance(entries, list):
-            raise SpecError(f"{kind.field}: expected a list of {kind.name} plugins, e.g. [tensorboard]")
-        entries = data[kind.field] = [{"type": e} if isinstance(e, str) else e for e in entries]
-        for i, entry in enumerate(entries):
-            if isinstance(entry, dict) and "type" in entry:
-                try:
-                    registry.get(kind.name, entry["type"])
-                except Exception as exc:
-                    raise SpecError(f"{kind.field}[{i}].type: {str(exc).split(': ', 1)[1]}") from None
+    _check_list_kinds(data, registry)
     for kind in (k for k in KINDS if not KINDS[k].many):  # unknown plugin names first: the clearest error there is
         section = data.get(kind)
         if isinstance(section, str):

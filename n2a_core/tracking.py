@@ -70,7 +70,9 @@ class Trackers:
             tracker.log_image(stage, tag, step, image)
 
     def close(self) -> None:
-        for tracker in self.trackers:
+        """Close every tracker once (a second call does nothing)."""
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
             tracker.close()
 
 

@@ -36,7 +36,6 @@ from n2a_core import (
     to_epsilon_and_x0,
 )
 
-
 EPSILON_MIN_LOG_SNR = -5.0
 """Where epsilon chains start by default (see `_SamplerSpec.min_log_snr`)."""
 

@@ -87,7 +87,8 @@ def test_training_hands_metrics_grids_and_evals_to_the_trackers(label_run):
     events = EventAccumulator(str(label_run / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     tags = events.Tags()
-    assert {"diffusion/loss/model", "diffusion/val/loss", "diffusion/eval/fd", "autoencoder/loss/autoencoder"} <= set(tags["scalars"])
+    expected = {"diffusion/loss/model", "diffusion/val/loss", "diffusion/eval/fd", "autoencoder/loss/autoencoder"}
+    assert expected <= set(tags["scalars"])
     assert {"diffusion/samples", "autoencoder/recon"} <= set(tags["images"])
     # Training's evals at steps 2 and 4; `n2a eval` (other tests here) adds more at step 4.
     assert [e.step for e in events.Scalars("diffusion/eval/fd")][:2] == [2, 4]

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from n2a_core.component import BuildContext
 from n2a_core.errors import CheckpointError
 from n2a_core.evaluation.features import FeatureExtractor, extract_features
 from n2a_core.evaluation.metrics import Gaussian, frechet_distance, kernel_inception_distance, precision_recall
 from n2a_core.plugins import get_registry
-from n2a_core.component import BuildContext
 
 
 def shapes(n: int, seed: int, size: int = 32) -> torch.Tensor:
@@ -68,9 +68,11 @@ def test_random_conv_is_the_same_network_on_every_build_and_depends_on_its_seed(
 def test_degraded_images_score_worse_than_the_images_themselves(degrade):
     extractor = build("random-conv")
     real, clean = shapes(96, seed=1), shapes(96, seed=2)  # two draws of one distribution
-    real_f, clean_f, degraded_f = features(extractor, real), features(extractor, clean), features(extractor, degrade(clean))
+    real_f, clean_f = features(extractor, real), features(extractor, clean)
+    degraded_f = features(extractor, degrade(clean))
     reference = Gaussian.fit(real_f)
-    fd_clean, fd_degraded = frechet_distance(reference, Gaussian.fit(clean_f)), frechet_distance(reference, Gaussian.fit(degraded_f))
+    fd_clean = frechet_distance(reference, Gaussian.fit(clean_f))
+    fd_degraded = frechet_distance(reference, Gaussian.fit(degraded_f))
     kid_clean = kernel_inception_distance(real_f, clean_f, subsets=20, subset_size=64)
     kid_degraded = kernel_inception_distance(real_f, degraded_f, subsets=20, subset_size=64)
     assert fd_degraded > 1.5 * fd_clean
@@ -106,7 +108,8 @@ def test_inception_has_the_layout_of_pytorch_fid_weights():
     from n2a_plugins.extractors.inception import fid_inception_v3
 
     ours = {k: v.shape for k, v in fid_inception_v3().state_dict().items()}
-    reference = {k: v.shape for k, v in Inception3(num_classes=1008, aux_logits=False, init_weights=False).state_dict().items()}
+    torchvision_net = Inception3(num_classes=1008, aux_logits=False, init_weights=False)
+    reference = {k: v.shape for k, v in torchvision_net.state_dict().items()}
     assert ours == reference
     assert ours["fc.weight"] == (1008, 2048)
 

@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 
 from n2a_core.evaluation.metrics import (
-    Gaussian, conditional_accuracy, frechet_distance, kernel_inception_distance, knn_classify,
-    mmd2_unbiased, precision_recall,
+    Gaussian,
+    conditional_accuracy,
+    frechet_distance,
+    kernel_inception_distance,
+    knn_classify,
+    mmd2_unbiased,
+    precision_recall,
 )
 
 
@@ -23,7 +28,8 @@ def test_frechet_distance_of_two_gaussians_matches_the_closed_form():
     mean_a, mean_b = np.array([0.0, 1.0, -2.0]), np.array([1.0, 1.0, 0.5])
     var_a, var_b = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
     expected = ((mean_a - mean_b) ** 2).sum() + ((np.sqrt(var_a) - np.sqrt(var_b)) ** 2).sum()
-    assert frechet_distance(Gaussian(mean_a, np.diag(var_a)), Gaussian(mean_b, np.diag(var_b))) == pytest.approx(expected)
+    got = frechet_distance(Gaussian(mean_a, np.diag(var_a)), Gaussian(mean_b, np.diag(var_b)))
+    assert got == pytest.approx(expected)
 
 
 def test_frechet_distance_with_non_commuting_covariances_matches_the_2x2_closed_form():

@@ -136,7 +136,8 @@ def wandb_history(run_dir) -> list[dict]:
                 record.ParseFromString(chunk)
                 chunk = b""
                 if record.WhichOneof("record_type") == "history":
-                    rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+                    items = record.history.item
+                    rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items})
     return rows
 
 

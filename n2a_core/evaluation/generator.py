@@ -24,14 +24,19 @@ from typing import Any
 
 import torch
 
+from n2a_core.component import BuildContext
+from n2a_core.errors import DataError
 from n2a_core.evaluation.features import FeatureExtractor, extract_features
 from n2a_core.evaluation.metrics import (
-    Gaussian, conditional_accuracy, frechet_distance, kernel_inception_distance, knn_classify, precision_recall,
+    Gaussian,
+    conditional_accuracy,
+    frechet_distance,
+    kernel_inception_distance,
+    knn_classify,
+    precision_recall,
 )
 from n2a_core.generate import LoadedRun, generate
 from n2a_core.plugins import get_registry
-from n2a_core.component import BuildContext
-from n2a_core.errors import DataError
 from n2a_core.specs import RunSpecBase
 from n2a_core.training.batching import collate_samples, make_splits
 
@@ -132,13 +137,15 @@ class GeneratorEvaluator:
                 ref.classifier_features, ref.classifier_labels, fake, targets)
             real_predicted = knn_classify(ref.classifier_features, ref.classifier_labels, ref.features)
             real_labels = [item["label"] for item in ref.items]
-            metrics["real_accuracy"] = sum(p == t for p, t in zip(real_predicted, real_labels, strict=True)) / len(real_labels)
+            hits = sum(p == t for p, t in zip(real_predicted, real_labels, strict=True))
+            metrics["real_accuracy"] = hits / len(real_labels)
         sampler = loaded.spec.sampler.type if loaded.spec.sampler else None
         return {
             "step": loaded.step,
             "metrics": {k: (None if v is None or not math.isfinite(v) else v) for k, v in metrics.items()},
             "images": n, "seed": seed, "guidance": guidance if conditioned else 0.0, "sampler": sampler,
-            "steps": steps or getattr(loaded.spec.sampler, "steps", None), "extractor": self.extractor_spec.model_dump(mode="json"),
+            "steps": steps or getattr(loaded.spec.sampler, "steps", None),
+            "extractor": self.extractor_spec.model_dump(mode="json"),
             "reference": {"split": ref.split, "images": len(ref.items)},
             "kid_subsets": {"subsets": kid.subsets, "subset_size": kid.subset_size},
             "precision_recall_k": 3,

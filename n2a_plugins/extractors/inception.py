@@ -134,7 +134,8 @@ def build_inception(spec: InceptionSpec, ctx) -> InceptionExtractor:
         state = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict(state)
     except Exception as exc:  # a truncated download, another network's weights
-        raise CheckpointError(f"{path}: not pytorch-fid's Inception weights ({str(exc).splitlines()[0][:160]})") from None
+        reason = str(exc).splitlines()[0][:160]
+        raise CheckpointError(f"{path}: not pytorch-fid's Inception weights ({reason})") from None
     return InceptionExtractor(net).to(ctx.device)
 
 
