@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import data_cmd, export_cmd, plugins_cmd, sample_cmd, spec_cmd, train_cmd
+from cli import data_cmd, eval_cmd, export_cmd, plugins_cmd, report_cmd, sample_cmd, spec_cmd, train_cmd
 
 
 def create_app() -> typer.Typer:
@@ -20,6 +20,8 @@ def create_app() -> typer.Typer:
     app.command("export")(export_cmd.export)
     app.command("train-autoencoder")(train_cmd.train_autoencoder)
     app.command("eval-autoencoder")(train_cmd.eval_autoencoder)
+    app.command("eval")(eval_cmd.evaluate)
+    app.command("report")(report_cmd.report)
     app.command("list-plugins")(plugins_cmd.list_plugins)
     app.add_typer(spec_cmd.app, name="spec")
     app.add_typer(data_cmd.app, name="data")

@@ -46,11 +46,13 @@ def plugin_options(command):
     """
     signature = inspect.signature(command, eval_str=True)
     params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    for kind in KINDS:
-        option = typer.Option(f"--{kind}", help=f"{kind} plugin (see `n2a list-plugins --kind {kind}`).",
-                              show_default=False, rich_help_panel="Plugins")
-        params.append(inspect.Parameter(f"plugin_{kind}", inspect.Parameter.KEYWORD_ONLY,
-                                        default=None, annotation=Annotated[str | None, option]))
+    for kind in KINDS.values():
+        more = " (repeatable)" if kind.many else ""
+        option = typer.Option(f"--{kind.name}", help=f"{kind.name} plugin{more} (see `n2a list-plugins --kind "
+                              f"{kind.name}`).", show_default=False, rich_help_panel="Plugins")
+        value = list[str] | None if kind.many else str | None
+        params.append(inspect.Parameter(f"plugin_{kind.name}", inspect.Parameter.KEYWORD_ONLY,
+                                        default=None, annotation=Annotated[value, option]))
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):

@@ -105,6 +105,7 @@ def _final_samples(session) -> None:
     (the quickstart's payoff)."""
     from n2a_core.generate import SampleWriter, StepCount, generate, load_run
     from n2a_core.model_card import CardFacts, write_model_card
+    from n2a_core.report import write_report
     from n2a_core.safe_files import new_folder
     from n2a_core.training.run import eval_split, preview_conditions
 
@@ -127,6 +128,7 @@ def _final_samples(session) -> None:
     card = write_model_card(session.run.root,
                             CardFacts.from_run(session.run.root, loaded.spec, str(grid.relative_to(session.run.root))))
     console.print(f"model card: [bold]{escape(str(card))}[/bold]")
+    console.print(f"report: [bold]{escape(str(write_report(session.run.root)))}[/bold]")
 
 
 @plugin_options
@@ -144,7 +146,8 @@ def train_autoencoder(
 
     with user_errors():
         spec, out_dir = _run_spec_and_folder(config, overrides, plugins, preset, out, resume)
-        with prepare_run(spec, out_dir, resume=resume, stage2=False) as session:  # holds the run's lock
+        # holds the run's lock; closes the trackers
+        with prepare_run(spec, out_dir, resume=resume, stage2=False) as session:
             train_autoencoder_stage(session, max_steps)
 
 

@@ -10,16 +10,18 @@ Plugins import only from here (`from n2a_core import ...`, the names in `__all__
 
 Map of the package (each module's docstring says more):
 
-  the six interfaces a plugin implements
+  the eight interfaces a plugin implements
     autoencoder    Autoencoder: images <-> scaled latents, its own training losses
     denoiser       Denoiser: (z_t, t, condition) -> epsilon, v or z0 prediction
     schedule       NoiseSchedule: alpha_bar, betas, log-SNR, add_noise
     conditioner    Conditioner: labels or captions -> embeddings, a null embedding
     sampler        Sampler, and the helpers every sampler uses (timesteps, guidance, noise)
     data_source    DataSource: Records listed cheaply, Samples decoded on demand
+    evaluation.features  FeatureExtractor: images -> feature vectors for the generator metrics
+    tracking       Tracker: a run's scalars and grids (and the always-on jsonl tracker, the fan-out)
   plugins and specs
     hookspecs      the `register_*` hooks and `hookimpl`
-    kinds          the six kinds: spec field, hook and interface of each
+    kinds          the eight kinds: spec field, hook and interface of each
     plugins        plugin loading and the Registry; `register(Spec, Class)`
     component      ComponentSpec (every plugin spec's base) and BuildContext
     specs          the run spec: training sections, loading, `--set` overrides
@@ -37,6 +39,8 @@ Map of the package (each module's docstring says more):
     export         `n2a export`: the Hub-ready folder, and loading it
     export_diffusers  `n2a export --format diffusers`
     model_card     README.md with Hub front matter, licence from the data
+    evaluation/    `n2a eval`: FD, KID, precision/recall on extractor features (metrics, generator)
+    report         `n2a report`: RUN/report.html, one static page
     safe_files     what concurrent processes and kill -9 cannot break: the run lock,
                    atomic writes, exclusive names
     device, layout, progress   small shared helpers
@@ -57,6 +61,7 @@ if TYPE_CHECKING:
     from n2a_core.data_source import DataSource, DataSourceSpec, Record, Sample
     from n2a_core.denoiser import Conditioning, Denoiser, PredictionType
     from n2a_core.errors import CheckpointError, DataError, N2AError, PluginError, SpecError, did_you_mean
+    from n2a_core.evaluation.features import FeatureExtractor
     from n2a_core.hookspecs import hookimpl
     from n2a_core.images import open_image
     from n2a_core.layout import preferred_layout, prefers_channels_last
@@ -74,6 +79,7 @@ if TYPE_CHECKING:
     )
     from n2a_core.schedule import NoiseSchedule, betas_from_alpha_bar
     from n2a_core.specs import load_run_spec
+    from n2a_core.tracking import JsonlSpec, JsonlTracker, Tracker
 
 _EXPORTS = {
     "n2a_core.autoencoder": ["Autoencoder", "AutoencoderLosses"],
@@ -82,6 +88,7 @@ _EXPORTS = {
     "n2a_core.data_source": ["DataSource", "DataSourceSpec", "Record", "Sample"],
     "n2a_core.denoiser": ["Conditioning", "Denoiser", "PredictionType"],
     "n2a_core.errors": ["CheckpointError", "DataError", "N2AError", "PluginError", "SpecError", "did_you_mean"],
+    "n2a_core.evaluation.features": ["FeatureExtractor"],
     "n2a_core.hookspecs": ["hookimpl"],
     "n2a_core.images": ["open_image"],
     "n2a_core.layout": ["preferred_layout", "prefers_channels_last"],
@@ -91,13 +98,14 @@ _EXPORTS = {
                          "spaced_timesteps", "to_epsilon_and_x0"],
     "n2a_core.schedule": ["NoiseSchedule", "betas_from_alpha_bar"],
     "n2a_core.specs": ["load_run_spec"],
+    "n2a_core.tracking": ["JsonlSpec", "JsonlTracker", "Tracker"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = [
     # writing a plugin
     "hookimpl", "ComponentSpec", "BuildContext",
-    # the six interfaces and what they exchange
+    # the eight interfaces and what they exchange
     "Autoencoder", "AutoencoderLosses",
     "Denoiser", "Conditioning", "PredictionType",
     "NoiseSchedule", "betas_from_alpha_bar",
@@ -105,6 +113,8 @@ __all__ = [
     "Sampler", "Generators", "StepCallback", "TimestepSpacing",
     "spaced_timesteps", "randn", "guided_prediction", "to_epsilon_and_x0",
     "DataSource", "DataSourceSpec", "Record", "Sample", "open_image",
+    "FeatureExtractor",
+    "Tracker", "JsonlSpec", "JsonlTracker",
     # errors a plugin raises (one line each, shown by the CLI)
     "N2AError", "SpecError", "PluginError", "DataError", "CheckpointError", "did_you_mean",
     # tensor layout helpers

@@ -44,6 +44,8 @@ class BuildContext:
     what only training needs (a perceptual network, a discriminator's weights on disk)."""
     cache_dir: Path | None = None
     """Where a plugin may keep derived files (rendered images, embedding caches)."""
+    run_dir: Path | None = None
+    """The run folder (trackers keep their logs under it)."""
     latent_channels: int | None = None
     """The autoencoder's latent channels, for denoiser specs that leave theirs unset."""
     conditioning: Any = None

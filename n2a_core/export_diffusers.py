@@ -17,13 +17,13 @@ Guidance: diffusers' guidance_scale s is n2a's 1 + w.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
 
 from safetensors.torch import save_file
 
+from n2a_core import strict_json
 from n2a_core.errors import SpecError
 from n2a_core.export import DTYPES, ExportReport, folder_size, is_exported
 from n2a_core.generate import load_run
@@ -104,4 +104,4 @@ def export_diffusers(run_root: Path, out: Path, *, dtype: str = "fp32", device: 
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    path.write_text(strict_json.dumps(data, indent=1) + "\n")

@@ -41,3 +41,13 @@ def register_samplers(register):
 @hookspec
 def register_data_sources(register):
     """Register data sources (yield images with optional label and caption)."""
+
+
+@hookspec
+def register_feature_extractors(register):
+    """Register feature extractors for generator metrics (images -> feature vectors)."""
+
+
+@hookspec
+def register_trackers(register):
+    """Register experiment trackers (receive a run's scalars and image grids)."""

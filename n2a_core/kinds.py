@@ -1,4 +1,4 @@
-"""The six component kinds: the run-spec field, hook and interface each one maps to.
+"""The component kinds: the run-spec field, hook and interface each one maps to.
 
 This table is the single place that knows the kinds; the registry, the run spec and the
 CLI all iterate over it, so adding a kind is one line here plus its interface.
@@ -17,6 +17,13 @@ class Kind:
     """Dotted path of the interface class the factory must return."""
     default: str | None
     """The plugin used when a run spec leaves the field out (None: optional, off)."""
+    many: bool = False
+    """A run uses a list of these (`trackers: [...]`, `--tracker A --tracker B`), not one."""
+
+    @property
+    def field(self) -> str:
+        """The run-spec field: the kind's name, plural for a list."""
+        return f"{self.name}s" if self.many else self.name
 
 
 KINDS: dict[str, Kind] = {
@@ -28,5 +35,8 @@ KINDS: dict[str, Kind] = {
         Kind("conditioner", "register_conditioners", "n2a_core.conditioner:Conditioner", None),
         Kind("sampler", "register_samplers", "n2a_core.sampler:Sampler", "ddim"),
         Kind("data", "register_data_sources", "n2a_core.data_source:DataSource", "openmoji"),
+        Kind("extractor", "register_feature_extractors", "n2a_core.evaluation.features:FeatureExtractor",
+             "random-conv"),
+        Kind("tracker", "register_trackers", "n2a_core.tracking:Tracker", None, many=True),
     )
 }

@@ -99,6 +99,11 @@ class DiffusionTrainingSpec(OptimSpec):
     """The same for a conditioner that reads labels."""
     preview_guidance: float = Field(3.0, ge=0)
     """Guidance weight w of the sample grids."""
+    eval_every: int | None = Field(None, ge=1)
+    """Score the generator as `n2a eval` does every N steps and at the end, with the run's
+    `extractor` (None: off; it costs `eval_images` sampled images each time)."""
+    eval_images: int = Field(1000, ge=2)
+    """Images generated per evaluation during training."""
 
 
 class RunSpecBase(N2ASpec):
@@ -137,8 +142,8 @@ class RunSpecBase(N2ASpec):
     if TYPE_CHECKING:  # type checkers cannot see the fields run_spec_model adds (one per kind)
         def __getattr__(self, name: str) -> Any: ...
 
-    def component(self, kind: str) -> ComponentSpec | None:
-        return getattr(self, kind)
+    def component(self, kind: str) -> ComponentSpec | list[ComponentSpec] | None:
+        return getattr(self, KINDS[kind].field)
 
     def digest(self, *fields: str, operational: frozenset[str] | None = None) -> str:
         """A short stable hash of the given fields (all when none), for cache keys and
@@ -163,6 +168,7 @@ def parse_duration(text: str) -> float:
 OPERATIONAL_FIELDS = frozenset({
     "max_steps", "log_every", "sample_every", "checkpoint_every", "keep_last", "num_workers",
     "val_every", "val_batches", "sample_steps", "preview_captions", "preview_labels", "preview_guidance", "device",
+    "eval_every", "eval_images", "extractor", "trackers",
     # how the global batch is split (processes x accumulation) and its size may change on
     # resume (an error may ask for it); a resume with another batch size is no longer exact
     "grad_accum", "batch_size",
@@ -185,6 +191,10 @@ def _without(data: Any, keys: frozenset[str]) -> Any:
 def _run_spec_model(registry) -> type[RunSpecBase]:
     fields: dict[str, Any] = {}
     for kind in KINDS.values():
+        if kind.many:
+            item = registry.spec_type(kind.name) if registry.names(kind.name) else Any
+            fields[kind.field] = (list[item], Field(default_factory=list))  # type: ignore[valid-type]
+            continue
         if not registry.names(kind.name):
             fields[kind.name] = (Any, None)
             continue
@@ -256,9 +266,15 @@ def apply_set(data: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = value
 
 
-def choose_plugin(data: dict[str, Any], kind: str, name: str | None) -> None:
-    """Apply `--<kind> NAME`: keep the section's params if the plugin stays the same."""
+def choose_plugin(data: dict[str, Any], kind: str, name: str | list[str] | None) -> None:
+    """Apply `--<kind> NAME`: keep the section's params if the plugin stays the same. For a
+    list kind (`--tracker A --tracker B`) each name missing from the list is added."""
     if name is None:
+        return
+    if KINDS[kind].many:
+        entries = data.setdefault(KINDS[kind].field, [])
+        present = {e if isinstance(e, str) else e.get("type") for e in entries}
+        entries += [{"type": n} for n in ([name] if isinstance(name, str) else name) if n not in present]
         return
     if name in ("none", "null") and KINDS[kind].default is None:
         data[kind] = None
@@ -267,6 +283,23 @@ def choose_plugin(data: dict[str, Any], kind: str, name: str | None) -> None:
     if isinstance(current, dict) and current.get("type", KINDS[kind].default) == name:
         return
     data[kind] = {"type": name}
+
+
+def _check_list_kinds(data: dict[str, Any], registry: Registry) -> None:
+    """`trackers: [tensorboard, {type: wandb}]`: names become sections; unknown ones are refused."""
+    for kind in (k for k in KINDS.values() if k.many):
+        entries = data.get(kind.field)
+        if entries is None:
+            continue
+        if not isinstance(entries, list):
+            raise SpecError(f"{kind.field}: expected a list of {kind.name} plugins, e.g. [tensorboard]")
+        entries = data[kind.field] = [{"type": e} if isinstance(e, str) else e for e in entries]
+        for i, entry in enumerate(entries):
+            if isinstance(entry, dict) and "type" in entry:
+                try:
+                    registry.get(kind.name, entry["type"])
+                except Exception as exc:
+                    raise SpecError(f"{kind.field}[{i}].type: {str(exc).split(': ', 1)[1]}") from None
 
 
 def resolve_run_spec(
@@ -283,7 +316,8 @@ def resolve_run_spec(
         choose_plugin(data, kind, name)
     for assignment in overrides:
         apply_set(data, assignment)
-    for kind in KINDS:  # unknown plugin names first: the clearest error there is
+    _check_list_kinds(data, registry)
+    for kind in (k for k in KINDS if not KINDS[k].many):  # unknown plugin names first: the clearest error there is
         section = data.get(kind)
         if isinstance(section, str):
             section = data[kind] = {"type": section}

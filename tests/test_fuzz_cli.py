@@ -202,9 +202,9 @@ LABELS = ["cat", "dog"]
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A LoadedRun of random weights at 16 px with a class-label conditioner and T = 20."""
+    from n2a_core.components import RunDir, build_components
     from n2a_core.diffusion_model import DiffusionModel
     from n2a_core.generate import LoadedRun
-    from n2a_core.pipeline import RunDir, build_pipeline
     from n2a_core.specs import resolve_run_spec
 
     root = tmp_path_factory.mktemp("fuzz") / "run"
@@ -217,7 +217,7 @@ def tiny_run(tmp_path_factory):
         "schedule": {"type": "cosine", "num_timesteps": 20}, "conditioner": {"type": "class-label"},
         "sampler": {"type": "ddim", "steps": 4},
     })
-    pipeline = build_pipeline(spec, vocabulary=LABELS, training=False)
+    pipeline = build_components(spec, vocabulary=LABELS, training=False)
     model = DiffusionModel(pipeline.denoiser, pipeline.conditioner).eval()
     RunDir(root).write_spec(spec)
     return LoadedRun(RunDir(root), spec, pipeline, model, torch.device("cpu"), 0)

@@ -410,7 +410,7 @@ def test_time_budget_reads_durations_and_refuses_the_rest(registry):
 
 def test_stage_budgets_split_the_time_and_stage_two_gets_what_stage_one_left(tmp_path, registry):
     from n2a_core.checkpoint import save_checkpoint
-    from n2a_core.pipeline import RunDir
+    from n2a_core.components import RunDir
     from n2a_core.training.run import stage_budgets
 
     run = RunDir(tmp_path)

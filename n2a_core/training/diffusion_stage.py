@@ -46,10 +46,13 @@ class DiffusionStage(Stage):
     def __init__(self, model: DiffusionModel, autoencoder: Autoencoder, schedule: NoiseSchedule,
                  sampler: Sampler | None, spec: DiffusionTrainingSpec, device: torch.device, seed: int,
                  out_dir: Path, latent_shape: tuple[int, int, int], val_data=None,
-                 preview_conditions: list[str] | None = None, save_grid=None, dist: Dist = SINGLE):
+                 preview_conditions: list[str] | None = None, save_grid=None, dist: Dist = SINGLE,
+                 evaluate=None):
         self.model, self.autoencoder, self.schedule, self.sampler = model, autoencoder, schedule, sampler
         self.spec, self.device, self.out_dir, self.seed = spec, device, Path(out_dir), seed
         self.val_data, self.save_grid = val_data, save_grid
+        self.evaluate = evaluate
+        """`evaluate(ema_model, step) -> logs`: generator metrics when `spec.eval_every` is due."""
         self.preview_conditions = preview_conditions or [""] * 8
         self.generator = torch.Generator().manual_seed(rank_seed(seed, dist.rank))
         params = [p for p in model.parameters() if p.requires_grad]
@@ -182,4 +185,8 @@ class DiffusionStage(Stage):
                 logs["val/loss"] = val
         if step % self.spec.sample_every == 0 or final:
             self.sample_grid(step)
+        if self.evaluate is not None and self.spec.eval_every and (step % self.spec.eval_every == 0 or final):
+            ema = self.ema_copy()
+            ema.eval()
+            logs.update(self.evaluate(ema, step))
         return logs

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from n2a_core import strict_json
 from n2a_core.checkpoint import (
     load_checkpoint,
     load_latest_checkpoint,
@@ -46,6 +45,7 @@ from n2a_core.checkpoint import (
 from n2a_core.errors import CheckpointError
 from n2a_core.safe_files import write_atomic
 from n2a_core.specs import OptimSpec
+from n2a_core.tracking import JsonlTracker, Trackers
 from n2a_core.training.batching import BatchStream
 from n2a_core.training.distributed import SINGLE, Dist, peer_failures, rank_seed
 
@@ -189,15 +189,19 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 class TrainingLoop:
     """Runs a Stage for `spec.max_steps` optimizer steps with checkpoints under `out_dir`.
 
-    Writes ``out_dir/metrics.jsonl`` (one JSON object per logged step) and
+    Hands its logs to `trackers` (by default only ``out_dir/metrics.jsonl``, one JSON
+    object per logged step) and writes
     ``out_dir/checkpoints/step-*/``. With several processes (`dist`), every rank runs the
     loop; rank 0 alone logs, evaluates and writes, and the others wait for its checkpoints.
     """
 
     def __init__(self, stage: Stage, spec: OptimSpec, stream: BatchStream, out_dir: Path, *,
                  device: torch.device, spec_digest: str, earlier_digests: tuple[str, ...] = (),
-                 progress: Callable[..., Any] | None = None, dist: Dist = SINGLE):
+                 progress: Callable[..., Any] | None = None, dist: Dist = SINGLE,
+                 trackers: Trackers | None = None):
         self.stage, self.spec, self.stream, self.out_dir = stage, spec, stream, Path(out_dir)
+        # What is logged goes to the run's trackers; alone, the loop keeps out_dir/metrics.jsonl.
+        self.trackers = trackers or Trackers([JsonlTracker(self.out_dir, per_stage=False)])
         self.device, self.spec_digest, self.dist, self.progress = device, spec_digest, dist, progress
         self.earlier_digests = earlier_digests
         """The same spec's digests under an earlier n2a: checkpoints carrying them resume."""
@@ -457,11 +461,8 @@ class TrainingLoop:
             self.save()
 
     def log(self, record: dict[str, Any]) -> None:
-        if not self.dist.is_main:
-            return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "metrics.jsonl", "a") as fh:
-            fh.write(strict_json.dumps(record) + "\n")
+        if self.dist.is_main:
+            self.trackers.log_metrics(self.stage.name, record["step"], record)
 
     def periodic(self, final: bool) -> dict[str, float]:
         """The stage's evaluation, isolated from the training RNG streams: whether or not a

@@ -9,11 +9,12 @@ run folder, and the others wait where they need what it wrote.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from rich.console import Console
 
 from n2a_core.checkpoint import (
@@ -30,11 +31,15 @@ from n2a_core.components import Components, RunDir, build_components
 from n2a_core.conditioner import check_labels
 from n2a_core.diffusion_model import DiffusionModel
 from n2a_core.errors import CheckpointError, DataError, N2AError, RunLockedError, SpecError
+from n2a_core.evaluation.generator import GeneratorEvaluator, tracker_metrics, write_result
+from n2a_core.generate import LoadedRun
 from n2a_core.images import make_grid_image
 from n2a_core.plugins import get_registry
 from n2a_core.progress import progress_bar
+from n2a_core.report import write_report
 from n2a_core.safe_files import RunLock, remove_leftovers
 from n2a_core.specs import FORMER_OPERATIONAL_FIELDS, DiffusionTrainingSpec, RunSpecBase, resolve_run_spec
+from n2a_core.tracking import Trackers, build_trackers
 from n2a_core.training import distributed
 from n2a_core.training.autoencoder_stage import AutoencoderStage, export_autoencoder
 from n2a_core.training.batching import BatchStream, DataSplits, collate_samples, make_splits
@@ -60,6 +65,20 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, caption
     make_grid_image(images.detach().float().cpu(), nrow=nrow, captions=captions).save(path)
 
 
+def preview_saver(run: RunDir, trackers: Trackers):
+    """The stages' `save_grid`: write the grid (RUN/<stage>/grids/<tag>-<step>.png), hand it
+    to the trackers, then refresh RUN/report.html around it."""
+
+    def save(images: torch.Tensor, path: Path, nrow: int | None = None, captions: list[str] | None = None) -> None:
+        save_grid(images, path, nrow, captions)
+        tag, _, step = path.stem.rpartition("-")
+        with Image.open(path) as image:
+            trackers.log_image(path.parent.parent.name, tag, int(step), image)
+        write_report(run.root)
+
+    return save
+
+
 @dataclass
 class Session:
     """Everything `train_run` builds once and both stages share."""
@@ -74,13 +93,17 @@ class Session:
     """This process's place in a multi-process job (SINGLE for one process)."""
     lock: RunLock | None = None
     """The run folder's lock, held by rank 0 until `close()`."""
+    trackers: Trackers = field(default_factory=Trackers)
+    """Where metrics and grids go (jsonl and the spec's trackers on rank 0; none elsewhere)."""
 
     @property
     def is_main(self) -> bool:
         return self.dist.is_main
 
     def close(self) -> None:
-        """Release the run folder for other processes (the OS does it if this one dies)."""
+        """Close the trackers and release the run folder for other processes (the OS
+        releases it if this one dies)."""
+        self.trackers.close()
         if self.lock is not None:
             self.lock.release()
 
@@ -167,6 +190,7 @@ def _prepare_locked(spec: RunSpecBase, run: RunDir, dist: Dist, device: torch.de
     dist.barrier()  # every rank has looked before rank 0 writes spec.yaml
     seed_everything(spec.seed)  # the same on every rank: identical initial weights
     registry = get_registry()
+    trackers = build_trackers(spec.trackers, run.root, registry, is_main=dist.is_main)  # a missing extra stops here
     with dist.main_first():  # rank 0 fills render and download caches, the others reuse them
         source = registry.build("data", spec.data, BuildContext(device=device))
         splits = make_splits(source, spec.data)
@@ -192,7 +216,7 @@ def _prepare_locked(spec: RunSpecBase, run: RunDir, dist: Dist, device: torch.de
                                "(--out) must be on a filesystem every node shares")
     if dist.rank:
         seed_everything(rank_seed(spec.seed, dist.rank))  # own dropout masks and flips from here on
-    return Session(spec, run, device, pipeline, splits, show_progress and dist.is_main, dist, lock)
+    return Session(spec, run, device, pipeline, splits, show_progress and dist.is_main, dist, lock, trackers)
 
 
 def started_stages(run: RunDir) -> list[str]:
@@ -370,13 +394,13 @@ def train_autoencoder_stage(s: Session, max_steps: int | None = None) -> None:
     describe_batch(s, "stage 1", tspec, batch)
     digest = spec.digest(*AUTOENCODER_FIELDS)
     preview = preview_images(eval_split(s.splits), 8)
-    stage = AutoencoderStage(ae, tspec, s.device, preview, s.run.autoencoder, save_grid)
+    stage = AutoencoderStage(ae, tspec, s.device, preview, s.run.autoencoder, preview_saver(s.run, s.trackers))
     dist.broadcast_module(ae)  # replicas start equal (the loop averages their gradients)
     stream = BatchStream(s.splits.train, batch, spec.seed, collate_samples, tspec.num_workers,
                          rank=dist.rank, world_size=dist.world_size)
     loop = TrainingLoop(stage, tspec, stream, s.run.autoencoder, device=s.device, spec_digest=digest,
                         earlier_digests=(spec.digest(*AUTOENCODER_FIELDS, operational=FORMER_OPERATIONAL_FIELDS),),
-                        dist=dist)
+                        dist=dist, trackers=s.trackers)
     resume_and_run(loop, "stage 1: autoencoder", max_steps, stage_budgets(spec, s.run)[0], s.show_progress)
     calibrate_autoencoder(s)
 
@@ -489,15 +513,35 @@ def train_diffusion_stage(s: Session, max_steps: int | None = None) -> Path:
                                                  shuffle=False, collate_fn=collate_latents)
     stage = DiffusionStage(model, p.autoencoder, p.schedule, p.sampler, tspec, s.device, spec.seed,
                            s.run.diffusion, (p.autoencoder.latent_channels, size // f, size // f),
-                           val_data=val_loader, preview_conditions=preview, save_grid=save_grid, dist=dist)
+                           val_data=val_loader, preview_conditions=preview,
+                           save_grid=preview_saver(s.run, s.trackers), dist=dist,
+                           evaluate=generator_evaluation(s) if tspec.eval_every and dist.is_main else None)
     stream = BatchStream(train_data, batch, spec.seed, collate_latents,
                          tspec.num_workers if not tspec.latent_cache else 0, rank=dist.rank, world_size=dist.world_size)
     loop = TrainingLoop(stage, tspec, stream, s.run.diffusion, device=s.device,
                         spec_digest=spec.digest(*DIFFUSION_FIELDS),
                         earlier_digests=(spec.digest(*DIFFUSION_FIELDS, operational=FORMER_OPERATIONAL_FIELDS),),
-                        dist=dist)
+                        dist=dist, trackers=s.trackers)
     resume_and_run(loop, "stage 2: diffusion", max_steps, stage_budgets(spec, s.run)[1], s.show_progress)
     return s.run.diffusion
+
+
+def generator_evaluation(s: Session):
+    """`training.eval_every`'s callback: score the EMA model as `n2a eval` does, write
+    RUN/eval/step-*.json, and return the numbers as `eval/*` logs. The reference features
+    are computed at the first call and kept."""
+    evaluator: GeneratorEvaluator | None = None
+
+    def evaluate(model: DiffusionModel, step: int) -> dict[str, float]:
+        nonlocal evaluator
+        if evaluator is None:
+            evaluator = GeneratorEvaluator(s.spec, device=s.device)
+        loaded = LoadedRun(s.run, s.spec, s.pipeline, model, s.device, step)
+        result = evaluator.evaluate(loaded, n=s.spec.training.eval_images, seed=s.spec.seed)
+        write_result(result, s.run.root / "eval")
+        return tracker_metrics(result)
+
+    return evaluate
 
 
 def preview_conditions(dataset, conditioner, tspec: DiffusionTrainingSpec, n: int = 8) -> list[str]:
@@ -535,4 +579,6 @@ def train_run(spec: RunSpecBase, out: Path, *, resume: bool = False, max_steps: 
     except BaseException:
         session.close()
         raise
+    if session.is_main:
+        write_report(session.run.root)  # with the last step's validation and eval numbers
     return session
