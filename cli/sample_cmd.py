@@ -1,4 +1,5 @@
-"""`n2a sample`: images from a trained run, with prompts or labels and guidance."""
+"""`n2a sample`: images from a trained run, with prompts or labels and guidance; image-to-image,
+inpainting, interpolation and negative conditions (see `n2a_core.generate.generate`)."""
 
 from __future__ import annotations
 
@@ -28,10 +29,35 @@ def sample(
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights.")] = True,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 16,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    negative_prompt: Annotated[str | None, typer.Option(help="Caption to steer away from: "
+                                                        "(1+w)·ε(z,c) − w·ε(z,c⁻).", show_default=False)] = None,
+    negative_label: Annotated[str | None, typer.Option(help="Class label to steer away from.",
+                                                       show_default=False)] = None,
+    init_image: Annotated[Path | None, typer.Option(help="Image to start from (image-to-image, SDEdit); "
+                                                    "resized and centre-cropped.", show_default=False)] = None,
+    strength: Annotated[float | None, typer.Option(help="With --init-image: how much to change it, in (0, 1]; "
+                                                   "1 ignores it. Default 0.8, or 1 with --mask.",
+                                                   min=0.0, max=1.0, show_default=False)] = None,
+    mask: Annotated[Path | None, typer.Option(help="Inpainting mask the size of --init-image: white = repaint, "
+                                              "black = keep.", show_default=False)] = None,
+    interpolate: Annotated[tuple[str, str] | None, typer.Option(
+        help="Two prompts (or labels) to morph between, one frame each step.", show_default=False)] = None,
+    interpolate_seeds: Annotated[tuple[int, int] | None, typer.Option(
+        help="Two seeds whose noise to morph between (slerp).", show_default=False)] = None,
+    frames: Annotated[int, typer.Option(help="Frames of an --interpolate/--interpolate-seeds animation.",
+                                        min=2)] = 8,
 ) -> None:
-    """Draw images from a trained run and write PNGs (with metadata), samples.jsonl and a grid."""
+    """Draw images from a trained run and write PNGs (with metadata), samples.jsonl and a grid;
+    interpolations also write an animated GIF (and WebP)."""
     from n2a_core.errors import SpecError
-    from n2a_core.generate import check_conditions, generate, load_run, write_samples
+    from n2a_core.generate import (
+        check_conditions,
+        generate,
+        interpolation,
+        load_run,
+        write_animation,
+        write_samples,
+    )
     from n2a_core.pipeline import newest_run
     from n2a_core.progress import progress_bar
     from n2a_core.plugins import get_registry
@@ -39,6 +65,14 @@ def sample(
     with user_errors():
         if prompt and label:
             raise SpecError("--prompt and --label: give one kind of condition per call")
+        if negative_prompt and negative_label:
+            raise SpecError("--negative-prompt and --negative-label: give one")
+        if (interpolate or interpolate_seeds) and (len(prompt or label or []) > 1 or (interpolate and (prompt or label))):
+            raise SpecError("--interpolate: give the two ends there, not with --prompt/--label")
+        if mask is not None and init_image is None:
+            raise SpecError("--mask: inpainting needs --init-image, the picture to keep outside the mask")
+        if strength is not None and init_image is None:
+            raise SpecError("--strength: needs --init-image, the picture to start from")
         root = run or newest_run()
         loaded = load_run(root, device=device, ema=ema)
         if conditioner is not None:
@@ -47,20 +81,49 @@ def sample(
                 raise SpecError(f"--conditioner: the run was trained with '{actual}', not '{conditioner}'")
         wanted = list(prompt or label or [])
         field = "caption" if prompt else "label" if label else None
-        check_conditions(loaded, wanted, field)
-        conditions = [c for c in wanted for _ in range(n)] if wanted else [""] * n
-        seeds = [seed + i for i in range(len(conditions))]
+        negative = negative_prompt or negative_label
+        check_conditions(loaded, wanted + list(interpolate or ()), field)
+        if negative:
+            check_conditions(loaded, [negative], "caption" if negative_prompt else "label")
+        if interpolate or interpolate_seeds:
+            conditions = interpolation(*interpolate, frames) if interpolate else [wanted[0] if wanted else ""] * frames
+            seeds = interpolation(*interpolate_seeds, frames) if interpolate_seeds else [seed] * frames
+        else:
+            conditions = [c for c in wanted for _ in range(n)] if wanted else [""] * n
+            seeds = [seed + i for i in range(len(conditions))]
+        if init_image is not None and strength is None:
+            strength = 1.0 if mask is not None else 0.8
         sampler_spec = get_registry().validate_spec("sampler", sampler) if sampler else None
         if sampler_spec is not None and steps is None and hasattr(sampler_spec, "steps"):
             steps = sampler_spec.steps
         with progress_bar("sampling", len(seeds)) as bar:
             images = generate(loaded, conditions, seeds, guidance=guidance, sampler_spec=sampler_spec,
-                              steps=steps, batch_size=batch_size, progress=lambda done, total: bar(done, total))
+                              steps=steps, batch_size=batch_size, progress=lambda done, total: bar(done, total),
+                              negative=negative, init_image=init_image, strength=strength or 1.0, mask=mask)
         sampler_name = sampler or (loaded.spec.sampler.type if loaded.spec.sampler else None)
-        records = [{"index": i, "seed": s, "condition": c, "field": field, "guidance": guidance,
-                    "sampler": sampler_name, "steps": steps, "ema": ema, "step": loaded.step,
-                    "spec_digest": loaded.spec.digest()}
+        creative = {key: value for key, value in (
+            ("negative", negative), ("init_image", str(init_image) if init_image else None),
+            ("strength", strength), ("mask", str(mask) if mask else None)) if value is not None}
+        records = [{"index": i, **_seed_and_condition(s, c), "field": field or (loaded.conditioner.field if interpolate else None),
+                    "guidance": guidance, "sampler": sampler_name, "steps": steps, "ema": ema, "step": loaded.step,
+                    "spec_digest": loaded.spec.digest(), **creative}
                    for i, (s, c) in enumerate(zip(seeds, conditions, strict=True))]
         out_dir = out or loaded.run.samples / time.strftime("%Y%m%d-%H%M%S")
-        grid = write_samples(images, records, out_dir, nrow=n if wanted else None)
-    console.print(f"{len(images)} images in [bold]{out_dir}[/bold]; grid: {grid}")
+        animated = interpolate is not None or interpolate_seeds is not None
+        grid = write_samples(images, records, out_dir, nrow=frames if animated else n if wanted else None)
+        animations = write_animation(images, out_dir) if animated else []
+    also = "".join(f"; {path.suffix[1:]}: {path}" for path in animations)
+    console.print(f"{len(images)} images in [bold]{out_dir}[/bold]; grid: {grid}{also}")
+
+
+def _seed_and_condition(seed, condition) -> dict:
+    """A record's seed and condition; an interpolation frame's ends and u as well."""
+    from n2a_core.generate import Between
+
+    record = {}
+    for key, value in (("seed", seed), ("condition", condition)):
+        if isinstance(value, Between):
+            record.update({key: value.start, f"{key}_end": value.end, "u": round(value.u, 6)})
+        else:
+            record[key] = value
+    return record

@@ -16,12 +16,12 @@ from n2a_core.denoiser import Conditioning, Denoiser
 from n2a_core.errors import N2AError
 from n2a_core.hookspecs import hookimpl
 from n2a_core.plugins import get_registry, load_plugins
-from n2a_core.sampler import Sampler
+from n2a_core.sampler import Chain, Sampler, SamplerSpec
 from n2a_core.schedule import NoiseSchedule
 from n2a_core.specs import BuildContext, ComponentSpec, load_run_spec
 
 __all__ = [
-    "Autoencoder", "AutoencoderLosses", "BuildContext", "ComponentSpec", "Conditioner",
+    "Autoencoder", "AutoencoderLosses", "BuildContext", "Chain", "ComponentSpec", "Conditioner",
     "Conditioning", "DataSource", "DataSourceSpec", "Denoiser", "N2AError", "NoiseSchedule",
-    "Sample", "Sampler", "get_registry", "hookimpl", "load_plugins", "load_run_spec",
+    "Sample", "Sampler", "SamplerSpec", "get_registry", "hookimpl", "load_plugins", "load_run_spec",
 ]
