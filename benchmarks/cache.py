@@ -64,12 +64,13 @@ def write_images(folder: Path, count: int, size: int, seed: int = 0) -> None:
 def run(size: Size = R64, images: int = 64, repeats: int = 3, device: torch.device | None = None,
         quick: bool = False, clock: str | None = None) -> dict:
     from n2a_core import BuildContext, get_registry
-    from n2a_core.data import collate_samples, make_splits
-    from n2a_core.latent_cache import cache_key, encode_dataset, load_or_build
-    from n2a_core.loop import BatchStream, TrainingLoop
+    from n2a_core.diffusion_model import DiffusionModel
+    from n2a_core.training.batching import BatchStream, collate_samples, make_splits
+    from n2a_core.training.latent_cache import cache_key, encode_dataset, load_or_build
+    from n2a_core.training.loop import TrainingLoop
     from n2a_core.specs import DiffusionTrainingSpec
-    from n2a_core.train import collate_latents
-    from n2a_core.train_diffusion import DiffusionModel, DiffusionStage
+    from n2a_core.training.run import collate_latents
+    from n2a_core.training.diffusion_stage import DiffusionStage
 
     device = device or torch.device("cpu")
     clock = clock or default_clock(device)

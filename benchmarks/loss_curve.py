@@ -60,11 +60,13 @@ def train_curve(denoiser, latents: torch.Tensor, precision: str, steps: int, siz
                 device: torch.device, out: Path) -> tuple[list[float], float]:
     """Per-step losses of one stage-2 run, and its seconds per step."""
     from n2a_core import get_registry
-    from n2a_core.latent_cache import LatentDataset
-    from n2a_core.loop import BatchStream, TrainingLoop
+    from n2a_core.diffusion_model import DiffusionModel
+    from n2a_core.training.batching import BatchStream
+    from n2a_core.training.latent_cache import LatentDataset
+    from n2a_core.training.loop import TrainingLoop
     from n2a_core.specs import DiffusionTrainingSpec
-    from n2a_core.train import collate_latents
-    from n2a_core.train_diffusion import DiffusionModel, DiffusionStage
+    from n2a_core.training.run import collate_latents
+    from n2a_core.training.diffusion_stage import DiffusionStage
 
     registry = get_registry()
     schedule = registry.build("schedule", registry.validate_spec("schedule", {"type": "cosine"}))

@@ -3,7 +3,7 @@
 One step is what stage 2 does per batch: draw t and eps, noise the clean latents
 (DDPM eq. 4), predict, MSE loss, backward, AdamW. Each side uses its own library's
 pieces (n2a: `diffusion_loss`; diffusers: `DDPMScheduler.add_noise`); both use the same
-AdamW settings (`n2a_core.loop.adamw`). n2a starts from diffusers' weights, so both
+AdamW settings (`n2a_core.training.loop.adamw`). n2a starts from diffusers' weights, so both
 compute the same function and their first losses agree.
 
 Also measured in the same rounds: a large fp32 matmul (the machine's achievable
@@ -59,8 +59,8 @@ def latents(size: Size, device: torch.device, seed: int = 0) -> torch.Tensor:
 
 def n2a_step(model, z0: torch.Tensor, bf16: bool = False, fused: bool = False, forward=None):
     """One n2a training step closure (returns the loss tensor)."""
-    from n2a_core.diffusion import diffusion_loss
-    from n2a_core.loop import adamw
+    from n2a_core.training.objective import diffusion_loss
+    from n2a_core.training.loop import adamw
     from n2a_plugins.schedules import LinearSchedule
 
     schedule = LinearSchedule()
@@ -87,7 +87,7 @@ def diffusers_step(model, z0: torch.Tensor, bf16: bool = False):
     """One diffusers training step closure, as its train_unconditional example does it."""
     from diffusers import DDPMScheduler
 
-    from n2a_core.loop import adamw
+    from n2a_core.training.loop import adamw
 
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
     optimizer = adamw(list(model.parameters()), lr=1e-4, weight_decay=0.01).optimizer

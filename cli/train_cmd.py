@@ -71,7 +71,7 @@ def train(
     With no options this runs the quickstart on the embedded OpenMoji art set (CPU, no network).
     --autoencoder takes a plugin name or a trained run folder.
     """
-    from n2a_core.train import train_run
+    from n2a_core.training.run import train_run
 
     with user_errors():
         spec, out_dir = _run_spec_and_folder(config, overrides, plugins, preset, out, resume)
@@ -89,7 +89,7 @@ def _final_samples(session) -> None:
     """A grid for a handful of conditions, a row of seeds each, at the end of training
     (the quickstart's payoff)."""
     from n2a_core.generate import generate, load_run, write_samples
-    from n2a_core.train import eval_split, preview_conditions
+    from n2a_core.training.run import eval_split, preview_conditions
 
     loaded = load_run(session.run.root, device=str(session.device))
     tspec = loaded.spec.training
@@ -116,7 +116,7 @@ def train_autoencoder(
     **plugins: str | None,
 ) -> None:
     """Train only stage 1 (the autoencoder) and export its weights for `n2a train --autoencoder RUN`."""
-    from n2a_core.train import prepare_run, train_autoencoder_stage
+    from n2a_core.training.run import prepare_run, train_autoencoder_stage
 
     with user_errors():
         spec, out_dir = _run_spec_and_folder(config, overrides, plugins, preset, out, resume)
@@ -132,7 +132,7 @@ def eval_autoencoder(
     as_json: Annotated[bool, typer.Option("--json", help="Print only the JSON.")] = False,
 ) -> None:
     """PSNR, SSIM, L1, codebook usage and perplexity on the validation split."""
-    from n2a_core.evaluate import evaluate_autoencoder
+    from n2a_core.training.evaluate import evaluate_autoencoder
 
     with user_errors():
         metrics = evaluate_autoencoder(run, data=data, overrides=overrides or [], max_batches=batches)

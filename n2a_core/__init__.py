@@ -11,14 +11,15 @@ A plugin module writes::
 
 from n2a_core.autoencoder import Autoencoder, AutoencoderLosses
 from n2a_core.conditioner import Conditioner
-from n2a_core.data import DataSource, DataSourceSpec, Sample
+from n2a_core.data_source import DataSource, DataSourceSpec, Sample
 from n2a_core.denoiser import Conditioning, Denoiser
 from n2a_core.errors import N2AError
 from n2a_core.hookspecs import hookimpl
 from n2a_core.plugins import get_registry, load_plugins
 from n2a_core.sampler import Chain, Sampler, SamplerSpec
 from n2a_core.schedule import NoiseSchedule
-from n2a_core.specs import BuildContext, ComponentSpec, load_run_spec
+from n2a_core.component import BuildContext, ComponentSpec
+from n2a_core.specs import load_run_spec
 
 __all__ = [
     "Autoencoder", "AutoencoderLosses", "BuildContext", "Chain", "ComponentSpec", "Conditioner",

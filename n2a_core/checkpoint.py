@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from n2a_core.autoencoder import Autoencoder
 from n2a_core.errors import CheckpointError
 
 TENSORS, STATE = "tensors.safetensors", "state.json"
@@ -164,3 +165,14 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: weights file is corrupt ({str(exc).splitlines()[0]})") from None
+
+
+def load_autoencoder_weights(model: Autoencoder, path: Path) -> None:
+    """Load exported weights; a file of another architecture fails with one line."""
+    state = load_weights(path)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise CheckpointError(f"{path}: weights do not fit this autoencoder spec ({first}); "
+                              "use the spec the weights were trained with") from None

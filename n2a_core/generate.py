@@ -22,16 +22,16 @@ import torch.nn.functional as F
 from PIL import Image, features
 from PIL.PngImagePlugin import PngInfo
 
-from n2a_core.checkpoint import latest_checkpoint, load_checkpoint
+from n2a_core.checkpoint import latest_checkpoint, load_autoencoder_weights, load_checkpoint
 from n2a_core.conditioner import Conditioner, check_labels
-from n2a_core.data import image_to_tensor, make_grid_image, open_image, tensor_to_image, to_rgb
+from n2a_core.device import resolve_device
+from n2a_core.diffusion_model import DiffusionModel
 from n2a_core.errors import CheckpointError, DataError, SpecError
-from n2a_core.pipeline import Pipeline, RunDir, build_pipeline, resolve_device
+from n2a_core.images import image_to_tensor, make_grid_image, open_image, tensor_to_image, to_rgb
+from n2a_core.pipeline import Pipeline, RunDir, build_pipeline
 from n2a_core.plugins import get_registry
 from n2a_core.sampler import NoiseBetween
 from n2a_core.specs import RunSpecBase, resolve_run_spec
-from n2a_core.train_autoencoder import load_autoencoder_weights
-from n2a_core.train_diffusion import DiffusionModel
 
 
 @dataclass

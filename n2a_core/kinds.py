@@ -27,6 +27,6 @@ KINDS: dict[str, Kind] = {
         Kind("schedule", "register_schedules", "n2a_core.schedule:NoiseSchedule", "cosine"),
         Kind("conditioner", "register_conditioners", "n2a_core.conditioner:Conditioner", None),
         Kind("sampler", "register_samplers", "n2a_core.sampler:Sampler", "ddim"),
-        Kind("data", "register_data_sources", "n2a_core.data:DataSource", "openmoji"),
+        Kind("data", "register_data_sources", "n2a_core.data_source:DataSource", "openmoji"),
     )
 }

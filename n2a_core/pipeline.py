@@ -15,22 +15,14 @@ import torch
 import yaml
 
 from n2a_core.autoencoder import Autoencoder
+from n2a_core.component import BuildContext
 from n2a_core.conditioner import Conditioner
 from n2a_core.denoiser import Conditioning, Denoiser
 from n2a_core.errors import SpecError
 from n2a_core.plugins import Registry, get_registry
 from n2a_core.sampler import Sampler
 from n2a_core.schedule import NoiseSchedule
-from n2a_core.specs import BuildContext, RunSpecBase
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SpecError(f"device: '{name}' requested but CUDA is not available; use device: auto or cpu")
-    return device
+from n2a_core.specs import RunSpecBase
 
 
 @dataclass

@@ -28,8 +28,10 @@ import pluggy
 from pydantic import Field, TypeAdapter, ValidationError
 
 from n2a_core import hookspecs
+from n2a_core.component import BuildContext, ComponentSpec
 from n2a_core.errors import PluginError, did_you_mean
 from n2a_core.kinds import KINDS
+from n2a_core.spec_errors import format_validation_error
 
 ENTRY_POINT_GROUP = "n2a"
 
@@ -82,8 +84,6 @@ class Registry:
         *,
         source: PluginSource,
     ) -> None:
-        from n2a_core.specs import ComponentSpec
-
         if kind not in KINDS:
             raise PluginError(f"plugin '{source.name}': unknown kind '{kind}'{did_you_mean(kind, KINDS)}")
         if not (isinstance(spec, type) and issubclass(spec, ComponentSpec)):
@@ -149,8 +149,6 @@ class Registry:
 
     def validate_spec(self, kind: str, data: Any):
         """A component spec from a dict or a plugin name, with n2a's one-line errors."""
-        from n2a_core.specs import format_validation_error
-
         if isinstance(data, str):
             data = {"type": data}
         if isinstance(data, dict):
@@ -163,8 +161,6 @@ class Registry:
 
     def build(self, kind: str, spec, context=None):
         """Instantiate a component from its validated spec."""
-        from n2a_core.specs import BuildContext
-
         component = self.get(kind, spec.type)
         return component.factory(spec, context or BuildContext())
 

@@ -32,7 +32,7 @@ from pydantic import Field
 from n2a_core.denoiser import Denoiser, PredictionType
 from n2a_core.errors import SpecError
 from n2a_core.schedule import NoiseSchedule
-from n2a_core.specs import ComponentSpec
+from n2a_core.component import ComponentSpec
 
 StepCallback = Callable[[int, int], None]
 """callback(done, total): called after each denoiser step, done = 1..total."""

@@ -1,4 +1,4 @@
-"""Pydantic specs: the component spec base, the training sections and the run spec.
+"""Pydantic specs: the training sections and the run spec, whose component fields come from the registry.
 
 A run spec names one plugin per kind plus its parameters, and the training settings of
 both stages. Its component fields are open unions built from the registry, so a
@@ -13,51 +13,17 @@ import functools
 import hashlib
 import json
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import Field, ValidationError, create_model, model_validator
 
-from n2a_core.errors import SpecError, did_you_mean
+from n2a_core.component import ComponentSpec, N2ASpec
+from n2a_core.errors import SpecError
 from n2a_core.kinds import KINDS
-
-
-class N2ASpec(BaseModel):
-    """Base of every n2a spec: unknown keys are errors, field docstrings become docs."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
-
-
-class ComponentSpec(N2ASpec):
-    """Base of a plugin's spec. Subclasses declare `type: Literal["name"] = "name"`."""
-
-    type: str
-
-    def params(self) -> dict[str, Any]:
-        """The fields as plain keyword arguments for the component's constructor."""
-        return self.model_dump(exclude={"type"})
-
-
-@dataclass
-class BuildContext:
-    """What a factory may need beyond its spec, supplied by the pipeline assembler."""
-
-    label_vocabulary: list[str] | None = None
-    """Sorted class labels of the training data (class-label conditioners need it)."""
-    device: torch.device | str = "cpu"
-    training: bool = True
-    """False when a component is built only to sample or evaluate: plugins may then skip
-    what only training needs (a perceptual network, a discriminator's weights on disk)."""
-    cache_dir: Path | None = None
-    """Where a plugin may keep derived files (rendered images, embedding caches)."""
-    latent_channels: int | None = None
-    """The autoencoder's latent channels, for denoiser specs that leave theirs unset."""
-    conditioning: Any = None
-    """The conditioner's output as an `n2a_core.Conditioning` (kind, dim), or None when the
-    run is unconditional; for denoiser specs that leave their conditioning unset."""
+from n2a_core.plugins import Registry, get_registry
+from n2a_core.spec_errors import format_validation_error
 
 
 # -- training sections -------------------------------------------------------------------
@@ -186,10 +152,8 @@ def _run_spec_model(registry) -> type[RunSpecBase]:
     return create_model("RunSpec", __base__=RunSpecBase, **fields)
 
 
-def run_spec_model(registry=None) -> type[RunSpecBase]:
-    """The RunSpec class for the installed plugins."""
-    from n2a_core.plugins import get_registry
-
+def run_spec_model(registry: Registry | None = None) -> type[RunSpecBase]:
+    """The RunSpec class for the installed plugins (`registry`, default: the process-wide one)."""
     return _run_spec_model(registry or get_registry())
 
 
@@ -258,11 +222,9 @@ def resolve_run_spec(
     *,
     plugins: dict[str, str | None] | None = None,
     overrides: list[str] | tuple[str, ...] = (),
-    registry=None,
+    registry: Registry | None = None,
 ) -> RunSpecBase:
     """Validate a spec dict after `--<kind>` choices and `--set` overrides."""
-    from n2a_core.plugins import get_registry
-
     registry = registry or get_registry()
     data = json.loads(json.dumps(data))  # a private deep copy
     for kind, name in (plugins or {}).items():
@@ -284,66 +246,9 @@ def resolve_run_spec(
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise format_validation_error(e, data=data, registry=registry) from None
+        raise format_validation_error(e, data=data, registry=registry, model=model) from None
 
 
 def load_run_spec(path: str | Path | None = None, **kwargs) -> RunSpecBase:
     """Read, override and validate a run spec; `path=None` starts from the defaults."""
     return resolve_run_spec(read_spec_file(path) if path else {}, **kwargs)
-
-
-def _loc_string(loc: tuple, data: Any) -> str:
-    parts: list[str] = []
-    node = data
-    for item in loc:
-        # Pydantic puts the union tag in the location ('schedule', 'cosine', 'foo'); drop it.
-        if isinstance(node, dict) and item == node.get("type") and item not in node:
-            continue
-        parts.append(str(item))
-        node = node.get(item) if isinstance(node, dict) else None
-    return ".".join(parts)
-
-
-def format_validation_error(
-    error: ValidationError, *, data: Any = None, prefix: tuple = (), registry=None
-) -> SpecError:
-    """A SpecError holding one line per problem: `field.path: what is wrong (got X)`."""
-    root = {prefix[0]: data} if prefix else (data if data is not None else {})
-    lines = []
-    for err in error.errors(include_url=False):
-        loc = prefix + tuple(err["loc"])
-        where = _loc_string(loc, root) or "spec"
-        if err["type"] == "extra_forbidden":
-            allowed = _fields_at(loc[:-1], root, registry)
-            lines.append(f"{where}: unknown key{did_you_mean(loc[-1], allowed)}; allowed: {', '.join(allowed)}")
-        elif err["type"] == "union_tag_invalid":
-            ctx = err.get("ctx", {})
-            lines.append(f"{where}: unknown type {ctx.get('tag')!r}; allowed: {ctx.get('expected_tags')}")
-        else:
-            got = err.get("input")
-            got_text = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
-            lines.append(f"{where}: {err['msg']}{got_text}")
-    return SpecError("\n".join(lines))
-
-
-def _fields_at(loc: tuple, root: Any, registry=None) -> list[str]:
-    """Field names of the spec model found at `loc` (for 'allowed:' and did-you-mean)."""
-    from n2a_core.plugins import get_registry
-
-    registry = registry or get_registry()
-    cls: Any = run_spec_model(registry)
-    node = root
-    for item in loc:
-        if isinstance(node, dict) and item == node.get("type") and item not in node:
-            continue  # the union tag pydantic inserts
-        node = node.get(item) if isinstance(node, dict) else None
-        if item in KINDS and cls is not None and issubclass(cls, RunSpecBase):
-            name = node.get("type", KINDS[item].default) if isinstance(node, dict) else None
-            cls = registry.components[item].get(name)
-            cls = cls.spec if cls else None
-        elif cls is not None and item in getattr(cls, "model_fields", {}):
-            annotation = cls.model_fields[item].annotation
-            cls = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-        else:
-            cls = None
-    return sorted(getattr(cls, "model_fields", {}))

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from n2a_core.data import (
-    DataSource, DataSourceSpec, LabelVocabulary, Record, Sample, StreamingSampleDataset,
-    collate_samples, image_to_tensor, make_grid_image, make_splits, open_image, report_skipped, split_of,
-    tensor_to_image,
+from n2a_core.data_source import DataSource, DataSourceSpec, Record, Sample
+from n2a_core.images import image_to_tensor, make_grid_image, open_image, tensor_to_image
+from n2a_core.training.batching import (
+    LabelVocabulary, StreamingSampleDataset, collate_samples, make_splits, report_skipped, split_of,
 )
 from n2a_core.errors import DataError
 

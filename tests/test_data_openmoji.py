@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from n2a_core import BuildContext, get_registry
-from n2a_core.data import make_splits
+from n2a_core.training.batching import make_splits
 from n2a_plugins.data import openmoji
 from n2a_plugins.data.emoji_groups import GROUPS, group_of
 from n2a_plugins.data.openmoji import Renderer, caption_of, font_path

@@ -24,11 +24,12 @@ import torch.multiprocessing as mp
 from torch import nn
 from typer.testing import CliRunner
 
-from n2a_core import distributed
+from n2a_core.training import distributed
 from n2a_core.checkpoint import latest_checkpoint, load_checkpoint
-from n2a_core.distributed import SINGLE, Dist, DistributedError, local_batch, rank_seed
+from n2a_core.training.distributed import SINGLE, Dist, DistributedError, local_batch, rank_seed
 from n2a_core.errors import CheckpointError, SpecError
-from n2a_core.loop import BatchStream, RankBlocks, Stage, TrainingLoop, adamw
+from n2a_core.training.batching import BatchStream, RankBlocks
+from n2a_core.training.loop import Stage, TrainingLoop, adamw
 from n2a_core.specs import DiffusionTrainingSpec, OptimSpec
 
 CPU = torch.device("cpu")
@@ -147,7 +148,8 @@ def toy_run(d: Dist, out: Path, steps: int, stage_cls=PairStage, accum: int = 1)
 
 # -- a real diffusion stage (UNet + class embedding, DDP) with noise fixed per micro-batch --
 def diffusion_stage(d: Dist, out: Path):
-    from n2a_core.train_diffusion import DiffusionModel, DiffusionStage
+    from n2a_core.diffusion_model import DiffusionModel
+    from n2a_core.training.diffusion_stage import DiffusionStage
     from n2a_plugins.conditioners.class_label import ClassLabelConditioner
     from n2a_plugins.schedules import LinearSchedule
     from n2a_plugins.unet import UNet
@@ -183,7 +185,7 @@ def latents(n: int = 16) -> list[dict]:
 
 
 def diffusion_run(d: Dist, out: Path) -> dict:
-    from n2a_core.train import collate_latents
+    from n2a_core.training.run import collate_latents
 
     stage, spec = diffusion_stage(d, out)
     local = local_batch(spec.batch_size, spec.grad_accum, d.world_size, "training.batch_size")
@@ -211,7 +213,7 @@ def two_rank_scenarios(d: Dist, tmp: Path) -> dict:
 
 def latent_cache_case(d: Dist, directory: Path) -> dict:
     """Each rank builds its slice of a 10-item 'dataset'; all read back the joined file."""
-    from n2a_core.latent_cache import load_or_build
+    from n2a_core.training.latent_cache import load_or_build
 
     def build_part(rank, world_size):
         lo, hi = 10 * rank // world_size, 10 * (rank + 1) // world_size

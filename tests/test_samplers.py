@@ -375,7 +375,7 @@ def test_a_trained_epsilon_model_samples_its_data_only_from_the_floor():
     UNet memorises 4 latents (400 steps); from log-SNR -5 its samples land near them, from
     the cosine schedule's last step they are thousands of units off (what the quickstart's
     blobs were)."""
-    from n2a_core.diffusion import diffusion_loss
+    from n2a_core.training.objective import diffusion_loss
     from n2a_plugins.unet import UNet
 
     torch.manual_seed(0)

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from n2a_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from n2a_core.diffusion import EMA, diffusion_loss, draw_condition_drop, min_snr_weight, prediction_target
+from n2a_core.training.objective import EMA, diffusion_loss, draw_condition_drop, min_snr_weight, prediction_target
 from n2a_core.errors import CheckpointError
-from n2a_core.loop import BatchStream, Stage, TrainingLoop, adamw, lr_factor
+from n2a_core.training.batching import BatchStream
+from n2a_core.training.loop import Stage, TrainingLoop, adamw, lr_factor
 from n2a_core.specs import DiffusionTrainingSpec, OptimSpec
 from n2a_plugins.schedules import CosineSchedule, LinearSchedule
 
@@ -243,7 +244,7 @@ def test_diffusion_spec_defaults_are_paperlike():
 def test_loop_reads_logs_from_the_device_only_when_it_logs(tmp_path, monkeypatch):
     """On a GPU every float(tensor) waits for the queue: the step must not read its loss or
     gradient norm back; the loop does, once for all values, every log_every steps."""
-    from n2a_core import loop as loop_module
+    from n2a_core.training import loop as loop_module
 
     reads, logged_steps = [], []
     real_host_values = loop_module.host_values

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from n2a_core.autoencoder import Autoencoder
-from n2a_core.checkpoint import load_weights, save_weights
+from n2a_core.checkpoint import save_weights
 from n2a_core.errors import CheckpointError
-from n2a_core.loop import OptimizerSlot, Stage, adamw
+from n2a_core.training.loop import OptimizerSlot, Stage, adamw
 from n2a_core.specs import AutoencoderTrainingSpec
 
 
@@ -96,14 +96,3 @@ def export_autoencoder(model: Autoencoder, calibration: torch.Tensor, path: Path
         raise CheckpointError("autoencoder latents are not finite; stage 1 diverged — lower its lr and retrain")
     save_weights(path, model.state_dict(), {"spec_digest": spec_digest, "latent_scale": f"{scale:.8g}"})
     return scale
-
-
-def load_autoencoder_weights(model: Autoencoder, path: Path) -> None:
-    """Load exported weights; a file of another architecture fails with one line."""
-    state = load_weights(path)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise CheckpointError(f"{path}: weights do not fit this autoencoder spec ({first}); "
-                              "use the spec the weights were trained with") from None

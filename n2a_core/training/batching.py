@@ -1,272 +1,36 @@
-"""Data sources and the one path from a source to training batches.
+"""The one path from a data source to training batches, shared by both stages.
 
-A data source lists lightweight `Record`s (key, label, caption, and whatever it needs to
-find the image) without decoding anything, and decodes one record into a `Sample` on
-demand. Everything else is shared here, so every source behaves the same:
-
-- one image transform (`image_to_tensor`): RGB on white, smallest-side resize, centre
-  crop, optional flip, 3xSxS float32 in [-1, 1];
 - a train/validation split by a seeded hash of each record's key (`split_of`), so a
   record never changes sides when the dataset grows;
 - a label vocabulary (sorted distinct labels) saved to and loaded from the run directory;
+- map-style and streamed datasets of transformed images (`make_splits`, `collate_samples`);
 - unreadable images are skipped, counted, and reported once per pass (`report_skipped`),
-  never crashing a run.
+  never crashing a run;
+- `BatchStream`: endless batches in a seeded order that resume from a saved position, and
+  `RankBlocks`, each process's share of a stream.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import io
-import itertools
 import json
 import logging
-import math
 import multiprocessing
 import os
-from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
-from PIL import ExifTags, Image, ImageDraw, ImageFont, ImageOps
-from pydantic import Field
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from n2a_core.errors import DataError
-from n2a_core.specs import ComponentSpec
+from n2a_core.data_source import DataSource, DataSourceSpec, Record
+from n2a_core.errors import CheckpointError, DataError
+from n2a_core.images import IMAGE_ERRORS, image_to_tensor
 
 log = logging.getLogger("n2a.data")
-
-IMAGE_ERRORS = (OSError, ValueError, SyntaxError, TypeError, EOFError, Image.DecompressionBombError)
-"""What Pillow raises for unreadable, truncated or hostile files (OSError covers
-UnidentifiedImageError); anything else is a bug and keeps its traceback."""
-
-
-# -- records and samples ---------------------------------------------------------------
-@dataclass(frozen=True)
-class Record:
-    """A data-source entry before decoding: cheap to list, split and count."""
-
-    key: str
-    """Stable identity (relative path, row id, code points); the split hashes it."""
-    label: str | None = None
-    caption: str | None = None
-    ref: Any = None
-    """Whatever the source needs to load the image (a path, a row number, raw bytes)."""
-
-
-@dataclass
-class Sample:
-    """One record of a data source."""
-
-    key: str
-    """Stable identity (file path, row id, code point): the train/val split hashes it, so
-    adding data never moves an existing record to the other split."""
-    image: Image.Image | None
-    """The decoded image, or None when it could not be read (it is then skipped and counted)."""
-    label: str | None = None
-    caption: str | None = None
-    error: str | None = None
-    """Why `image` is None."""
-
-
-class DataSourceSpec(ComponentSpec):
-    """Fields every data source shares; plugins subclass it."""
-
-    image_size: int = Field(256, ge=8, le=4096)
-    """Images are resized (smallest side) and centre-cropped to this square size."""
-    random_flip: bool = True
-    """Random horizontal flips during training."""
-    val_fraction: float = Field(0.05, ge=0, lt=1)
-    """Share of records held out for validation (paper: 5%)."""
-    split_seed: int = 0
-    """Seed of the hash-based train/validation split."""
-    limit: int | None = Field(None, ge=1)
-    """Use at most this many records (handy for quick runs)."""
-
-
-class DataSource(ABC):
-    """Lists `Record`s cheaply and decodes one into a `Sample` on demand.
-
-    A source implements `scan()` (every record, in a stable order, nothing decoded) and
-    `load(record)`. Sized sources (`streaming = False`) are listed once and then read by
-    index; streamed ones are scanned afresh on every pass.
-    """
-
-    streaming: bool = False
-    """True when the records cannot be listed up front (e.g. a streamed hub dataset)."""
-
-    def __init__(self, spec: DataSourceSpec):
-        self.spec = spec
-        self._records: list[Record] | None = None
-
-    @property
-    def name(self) -> str:
-        return self.spec.type
-
-    @abstractmethod
-    def scan(self) -> Iterator[Record]:
-        """Every record in a stable order, without decoding images."""
-
-    @abstractmethod
-    def load(self, record: Record) -> Sample:
-        """Decode one record; an unreadable image gives `Sample(image=None, error=...)`."""
-
-    def records(self) -> Iterator[Record]:
-        """The records this run uses: `scan()` capped at `spec.limit`."""
-        return itertools.islice(self.scan(), self.spec.limit)
-
-    def record_list(self) -> list[Record]:
-        """All records of a sized source, listed once and kept."""
-        if self.streaming:
-            raise TypeError(f"data source '{self.name}' is streamed and cannot be listed")
-        if self._records is None:
-            self._records = list(self.records())
-        return self._records
-
-    def __iter__(self) -> Iterator[Sample]:
-        for record in self.records():
-            yield self.load(record)
-
-    def __len__(self) -> int:
-        if self.streaming:
-            raise TypeError(f"data source '{self.name}' is streamed and has no known length")
-        return len(self.record_list())
-
-    def label_vocabulary(self) -> list[str] | None:
-        """Sorted distinct labels without decoding images, or None if records have none."""
-        if self.streaming:
-            return None
-        labels = sorted({r.label for r in self.record_list() if r.label})
-        return labels or None
-
-
-def open_image(source: str | os.PathLike | bytes) -> tuple[Image.Image | None, str | None]:
-    """Open and fully decode an image file or bytes; (None, reason) when it is unreadable.
-
-    Pillow decodes lazily, so a truncated file only fails on `load()`: force it here so
-    the failure is caught and counted instead of surfacing inside a DataLoader worker.
-    """
-    try:
-        if isinstance(source, bytes | bytearray):
-            if not source:
-                return None, "empty image bytes"
-            image = Image.open(io.BytesIO(source))
-        else:
-            if os.path.getsize(source) == 0:
-                return None, "zero-byte file"
-            image = Image.open(source)
-        image.load()
-        return image, None
-    except IMAGE_ERRORS as exc:
-        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
-
-
-# -- the transform ---------------------------------------------------------------------
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB with transparency composited on white; greyscale, palette, CMYK, 16-bit -> RGB."""
-    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
-        image = ImageOps.exif_transpose(image)  # phone photos store their rotation as a tag
-    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-        # Pillow's convert clips these to 0..255, which turns 16-bit greyscale white.
-        a = np.asarray(image, dtype=np.float64)
-        if image.mode.startswith("I;16"):
-            peak = 65535.0
-        elif image.mode == "F":
-            peak = 1.0 if a.max(initial=0) <= 1.0 else 255.0
-        else:  # 32-bit "I": 16-bit data unless every value fits in 8 bits
-            peak = 255.0 if a.max(initial=0) <= 255 else 65535.0
-        image = Image.fromarray(np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    transparent = image.mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in image.info
-    if transparent:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def image_to_tensor(image: Image.Image, size: int, flip: bool = False) -> torch.Tensor:
-    """A 3 x size x size float32 tensor in [-1, 1]: smallest side resized to `size`, centre-cropped.
-
-    Resize and crop are one resampling step: the centred square of side min(w, h) is
-    mapped onto size x size with Pillow's antialiased bicubic filter (its kernel widens
-    when downscaling, so no aliasing), which equals "resize smallest side, then centre
-    crop" without rounding the intermediate size.
-    """
-    image = to_rgb(image)
-    w, h = image.size
-    s = min(w, h)
-    box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
-    image = image.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
-    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-    x = x.to(torch.float32).div_(127.5).sub_(1.0)
-    return x.flip(-1) if flip else x
-
-
-def tensor_to_image(x: torch.Tensor) -> Image.Image:
-    """The inverse of `image_to_tensor` for a 3xHxW (or 1xHxW) tensor in [-1, 1], clamped."""
-    if x.dim() == 4 and x.shape[0] == 1:
-        x = x[0]
-    if x.dim() != 3 or x.shape[0] not in (1, 3):
-        raise ValueError(f"tensor_to_image expects 3xHxW or 1xHxW, got shape {tuple(x.shape)}")
-    a = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    if a.shape[0] == 1:
-        return Image.fromarray(a[0].numpy(), "L").convert("RGB")
-    return Image.fromarray(a.permute(1, 2, 0).numpy(), "RGB")
-
-
-def _caption_font(height: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=height)  # Pillow's bundled font: no download
-    except TypeError:  # Pillow < 10.1 has no sized default font
-        return ImageFont.load_default()
-
-
-def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "…", font=font) > width:
-        text = text[:-1]
-    return text + "…"
-
-
-def make_grid_image(
-    images: torch.Tensor, nrow: int | None = None, captions: list[str] | None = None
-) -> Image.Image:
-    """A contact sheet of B x 3 x H x W images in [-1, 1], `nrow` images per row.
-
-    `nrow` defaults to ceil(sqrt(B)), the squarest grid. With captions, small cells are
-    enlarged (nearest neighbour, whole factors) to at least 96 px so the text is legible.
-    """
-    if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"make_grid_image expects B x 3 x H x W, got shape {tuple(images.shape)}")
-    b, _, h, w = images.shape
-    if captions is not None and len(captions) != b:
-        raise ValueError(f"make_grid_image got {b} images but {len(captions)} captions")
-    ncol = max(1, min(b, nrow or math.ceil(math.sqrt(max(b, 1)))))
-    nrows = max(1, math.ceil(b / ncol))
-    scale = max(1, math.ceil(96 / w)) if captions is not None else 1
-    cw, ch = w * scale, h * scale
-    pad = 2
-    text_h = 14 if captions is not None else 0
-    sheet = Image.new("RGB", (ncol * (cw + pad) + pad, nrows * (ch + text_h + pad) + pad), "white")
-    draw = ImageDraw.Draw(sheet)
-    font = _caption_font(11) if captions is not None else None
-    for i in range(b):
-        r, c = divmod(i, ncol)
-        x0, y0 = pad + c * (cw + pad), pad + r * (ch + text_h + pad)
-        tile = tensor_to_image(images[i])
-        if scale > 1:
-            tile = tile.resize((cw, ch), Image.Resampling.NEAREST)
-        sheet.paste(tile, (x0, y0))
-        if captions is not None and captions[i]:
-            draw.text((x0 + 1, y0 + ch + 1), _fit_text(draw, captions[i], font, cw - 2), fill="black", font=font)
-    return sheet
 
 
 # -- split and vocabulary -------------------------------------------------------------
@@ -549,3 +313,115 @@ def collate_samples(batch: list[dict | None]) -> dict:
         "caption": [item["caption"] for item in items],
         "key": [item["key"] for item in items],
     }
+
+
+# -- data with a position ------------------------------------------------------------------
+class BatchStream:
+    """Endless batches in a seeded order that can restart from a saved position.
+
+    `batch_size` is this process's micro-batch. Map-style datasets are shuffled per epoch
+    with a generator seeded by (seed, epoch); streamed datasets are read in order. Rank r of
+    W takes the r-th block of `batch_size` samples in every run of W blocks of that global
+    order. So the first k micro-batches of all ranks together are the first
+    k * batch_size * W samples of the epoch, and the position (epoch, samples consumed)
+    means the same on any number of processes. Within an epoch, W ranks also take the very
+    micro-batches one process takes with W times the accumulation steps (an epoch keeps
+    whole micro-batches, so its cut can differ between the two).
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, collate: Callable | None = None,
+                 num_workers: int = 0, rank: int = 0, world_size: int = 1):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.collate, self.num_workers = collate, num_workers
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.batch_index = 0, 0
+        self.streamed = isinstance(dataset, IterableDataset)
+        if self.streamed and world_size > 1 and num_workers:
+            # The stream's own worker sharding would hide the items of other ranks' blocks.
+            log.warning("streamed data on %d processes: num_workers %d ignored, items are read "
+                        "in the training process", world_size, num_workers)
+            self.num_workers = 0
+        if not self.streamed and len(dataset) < batch_size * world_size:
+            raise DataError(
+                f"the training split has {len(dataset)} samples, fewer than one global batch of "
+                f"{batch_size * world_size}; lower the batch size or add data")
+
+    @property
+    def samples(self) -> int:
+        """Samples of the current epoch consumed by all ranks together."""
+        return self.batch_index * self.batch_size * self.world_size
+
+    @property
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "samples": self.samples}
+
+    def restore(self, position: dict[str, int]) -> None:
+        # "batch" is the per-process batch index of checkpoints written before "samples".
+        samples = position["samples"] if "samples" in position else position["batch"] * self.batch_size
+        per_micro_step = self.batch_size * self.world_size
+        if samples % per_micro_step:
+            raise CheckpointError(
+                f"the checkpoint's data position ({samples} samples into epoch {position['epoch']}) is not a "
+                f"whole number of micro-batches of {per_micro_step} samples; resume with the run's batch_size "
+                "and grad_accum")
+        self.epoch, self.batch_index = position["epoch"], samples // per_micro_step
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """This rank's sample indices for `epoch` (whole batches only, same count per rank)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.dataset), generator=g).tolist()
+        run = self.batch_size * self.world_size
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        return [i for start in range(0, len(order) // run * run, run) for i in order[start:start + run][mine]]
+
+    def _loader(self, indices: list[int] | None) -> DataLoader:
+        # Its own generator: a DataLoader otherwise draws worker seeds from the global RNG,
+        # which would make a resumed run diverge from an uninterrupted one.
+        generator = torch.Generator().manual_seed(self.seed * 7919 + self.epoch * 104729 + self.rank)
+        if indices is None:
+            dataset = self.dataset
+            if hasattr(dataset, "skip"):
+                # Always: skip(0) also undoes the skip of a resumed, earlier epoch.
+                dataset = dataset.skip(self.samples)
+            if self.world_size > 1:
+                dataset = RankBlocks(dataset, self.batch_size, self.rank, self.world_size)
+            return DataLoader(dataset, batch_size=self.batch_size, collate_fn=self.collate,
+                              num_workers=self.num_workers, generator=generator)
+        subset = torch.utils.data.Subset(self.dataset, indices)
+        return DataLoader(subset, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate,
+                          num_workers=self.num_workers, drop_last=True,
+                          generator=generator, pin_memory=torch.cuda.is_available())
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            if self.streamed:
+                loader = self._loader(None)
+            else:
+                order = self.epoch_order(self.epoch)
+                loader = self._loader(order[self.batch_index * self.batch_size:])
+            for batch in loader:
+                self.batch_index += 1
+                yield batch
+            if self.streamed and self.batch_index == 0:
+                raise DataError("the streamed training split yielded no batch; check the data source")
+            report_skipped(self.dataset, f"epoch {self.epoch}")
+            self.epoch, self.batch_index = self.epoch + 1, 0
+
+
+class RankBlocks(IterableDataset):
+    """Rank r's share of a stream: the r-th block of `block` items in every run of
+    `block * world_size` items. A last, incomplete run is dropped on every rank alike, so all
+    ranks take the same number of batches (a collective never waits for a missing one)."""
+
+    def __init__(self, dataset: IterableDataset, block: int, rank: int, world_size: int):
+        self.dataset, self.block, self.rank, self.world_size = dataset, block, rank, world_size
+
+    def __iter__(self) -> Iterator[Any]:
+        run = self.block * self.world_size
+        mine: list[Any] = []
+        for n, item in enumerate(self.dataset):
+            if (n % run) // self.block == self.rank:
+                mine.append(item)
+            if n % run == run - 1:
+                yield from mine
+                mine = []

@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
 from n2a_core.autoencoder import Autoencoder
-from n2a_core.data import report_skipped
-from n2a_core.distributed import SINGLE, Dist, DistributedError
+from n2a_core.training.batching import report_skipped
+from n2a_core.training.distributed import SINGLE, Dist, DistributedError
 
 
 def weights_digest(module: torch.nn.Module, skip: list[str] = ()) -> str:

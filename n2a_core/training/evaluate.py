@@ -7,13 +7,16 @@ from pathlib import Path
 
 import torch
 
-from n2a_core.data import collate_samples, make_splits
+from n2a_core.checkpoint import load_autoencoder_weights
+from n2a_core.component import BuildContext
+from n2a_core.device import resolve_device
 from n2a_core.errors import DataError
-from n2a_core.pipeline import RunDir, build_pipeline, resolve_device
+from n2a_core.pipeline import RunDir, build_pipeline
 from n2a_core.plugins import get_registry
-from n2a_core.specs import BuildContext, resolve_run_spec
-from n2a_core.train import eval_split, has_items
-from n2a_core.train_autoencoder import load_autoencoder_weights, psnr, ssim
+from n2a_core.specs import resolve_run_spec
+from n2a_core.training.autoencoder_stage import psnr, ssim
+from n2a_core.training.batching import collate_samples, make_splits
+from n2a_core.training.run import eval_split, has_items
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ or a function of the seed and the data position (the shuffling order of each epo
 CPU a run stopped at step N and resumed reaches the same weights at step M as a run that
 never stopped.
 
-Several processes (n2a_core.distributed): every rank's generator states are saved, so a
+Several processes (n2a_core.training.distributed): every rank's generator states are saved, so a
 resume on the same number of processes is exact too. The data position is counted in
 samples of the global, seeded order of an epoch, so a run also resumes on a different
 number of processes: it then sees the same samples in the same optimizer steps and reaches
@@ -32,16 +32,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from n2a_core.checkpoint import (
     latest_checkpoint, load_checkpoint, optimizer_from_flat, optimizer_to_flat, rng_state,
     save_checkpoint, set_rng_state,
 )
-from n2a_core.data import report_skipped
-from n2a_core.distributed import SINGLE, Dist, peer_failures, rank_seed
-from n2a_core.errors import CheckpointError, DataError
+from n2a_core.errors import CheckpointError
 from n2a_core.specs import OptimSpec
+from n2a_core.training.batching import BatchStream
+from n2a_core.training.distributed import SINGLE, Dist, peer_failures, rank_seed
 
 log = logging.getLogger(__name__)
 
@@ -129,118 +128,6 @@ class Stage(ABC):
     def periodic(self, step: int, final: bool) -> dict[str, float]:
         """Sample grids and validation when due: called after every step and at the end."""
         return {}
-
-
-# -- data with a position ------------------------------------------------------------------
-class BatchStream:
-    """Endless batches in a seeded order that can restart from a saved position.
-
-    `batch_size` is this process's micro-batch. Map-style datasets are shuffled per epoch
-    with a generator seeded by (seed, epoch); streamed datasets are read in order. Rank r of
-    W takes the r-th block of `batch_size` samples in every run of W blocks of that global
-    order. So the first k micro-batches of all ranks together are the first
-    k * batch_size * W samples of the epoch, and the position (epoch, samples consumed)
-    means the same on any number of processes. Within an epoch, W ranks also take the very
-    micro-batches one process takes with W times the accumulation steps (an epoch keeps
-    whole micro-batches, so its cut can differ between the two).
-    """
-
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, collate: Callable | None = None,
-                 num_workers: int = 0, rank: int = 0, world_size: int = 1):
-        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-        self.collate, self.num_workers = collate, num_workers
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.batch_index = 0, 0
-        self.streamed = isinstance(dataset, IterableDataset)
-        if self.streamed and world_size > 1 and num_workers:
-            # The stream's own worker sharding would hide the items of other ranks' blocks.
-            log.warning("streamed data on %d processes: num_workers %d ignored, items are read "
-                        "in the training process", world_size, num_workers)
-            self.num_workers = 0
-        if not self.streamed and len(dataset) < batch_size * world_size:
-            raise DataError(
-                f"the training split has {len(dataset)} samples, fewer than one global batch of "
-                f"{batch_size * world_size}; lower the batch size or add data")
-
-    @property
-    def samples(self) -> int:
-        """Samples of the current epoch consumed by all ranks together."""
-        return self.batch_index * self.batch_size * self.world_size
-
-    @property
-    def position(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "samples": self.samples}
-
-    def restore(self, position: dict[str, int]) -> None:
-        # "batch" is the per-process batch index of checkpoints written before "samples".
-        samples = position["samples"] if "samples" in position else position["batch"] * self.batch_size
-        per_micro_step = self.batch_size * self.world_size
-        if samples % per_micro_step:
-            raise CheckpointError(
-                f"the checkpoint's data position ({samples} samples into epoch {position['epoch']}) is not a "
-                f"whole number of micro-batches of {per_micro_step} samples; resume with the run's batch_size "
-                "and grad_accum")
-        self.epoch, self.batch_index = position["epoch"], samples // per_micro_step
-
-    def epoch_order(self, epoch: int) -> list[int]:
-        """This rank's sample indices for `epoch` (whole batches only, same count per rank)."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.dataset), generator=g).tolist()
-        run = self.batch_size * self.world_size
-        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        return [i for start in range(0, len(order) // run * run, run) for i in order[start:start + run][mine]]
-
-    def _loader(self, indices: list[int] | None) -> DataLoader:
-        # Its own generator: a DataLoader otherwise draws worker seeds from the global RNG,
-        # which would make a resumed run diverge from an uninterrupted one.
-        generator = torch.Generator().manual_seed(self.seed * 7919 + self.epoch * 104729 + self.rank)
-        if indices is None:
-            dataset = self.dataset
-            if hasattr(dataset, "skip"):
-                # Always: skip(0) also undoes the skip of a resumed, earlier epoch.
-                dataset = dataset.skip(self.samples)
-            if self.world_size > 1:
-                dataset = RankBlocks(dataset, self.batch_size, self.rank, self.world_size)
-            return DataLoader(dataset, batch_size=self.batch_size, collate_fn=self.collate,
-                              num_workers=self.num_workers, generator=generator)
-        subset = torch.utils.data.Subset(self.dataset, indices)
-        return DataLoader(subset, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate,
-                          num_workers=self.num_workers, drop_last=True,
-                          generator=generator, pin_memory=torch.cuda.is_available())
-
-    def __iter__(self) -> Iterator[Any]:
-        while True:
-            if self.streamed:
-                loader = self._loader(None)
-            else:
-                order = self.epoch_order(self.epoch)
-                loader = self._loader(order[self.batch_index * self.batch_size:])
-            for batch in loader:
-                self.batch_index += 1
-                yield batch
-            if self.streamed and self.batch_index == 0:
-                raise DataError("the streamed training split yielded no batch; check the data source")
-            report_skipped(self.dataset, f"epoch {self.epoch}")
-            self.epoch, self.batch_index = self.epoch + 1, 0
-
-
-class RankBlocks(IterableDataset):
-    """Rank r's share of a stream: the r-th block of `block` items in every run of
-    `block * world_size` items. A last, incomplete run is dropped on every rank alike, so all
-    ranks take the same number of batches (a collective never waits for a missing one)."""
-
-    def __init__(self, dataset: IterableDataset, block: int, rank: int, world_size: int):
-        self.dataset, self.block, self.rank, self.world_size = dataset, block, rank, world_size
-
-    def __iter__(self) -> Iterator[Any]:
-        run = self.block * self.world_size
-        mine: list[Any] = []
-        for n, item in enumerate(self.dataset):
-            if (n % run) // self.block == self.rank:
-                mine.append(item)
-            if n % run == run - 1:
-                yield from mine
-                mine = []
 
 
 def host_values(logs: dict[str, float | torch.Tensor]) -> dict[str, float]:

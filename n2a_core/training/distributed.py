@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from n2a_core.device import resolve_device
 from n2a_core.errors import N2AError, SpecError
 
 TIMEOUT_ENV = "N2A_DIST_TIMEOUT"
@@ -233,8 +234,6 @@ SINGLE = Dist()
 
 def device_for(name: str, local_rank: int, world_size: int) -> torch.device:
     """The device of this process: `name` resolved, with CUDA pinned to LOCAL_RANK."""
-    from n2a_core.pipeline import resolve_device
-
     device = resolve_device(name)
     if device.type != "cuda" or world_size == 1:
         return device

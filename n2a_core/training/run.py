@@ -1,7 +1,7 @@
 """`n2a train` end to end: data, stage 1 (unless given a trained autoencoder), latent cache,
 stage 2 — all in one run folder, every step resumable.
 
-Under torchrun every process runs all of this (see n2a_core.distributed and
+Under torchrun every process runs all of this (see n2a_core.training.distributed and
 docs/distributed.md): each trains on its share of every global batch, rank 0 writes the
 run folder, and the others wait where they need what it wrote.
 """
@@ -16,20 +16,23 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from n2a_core import distributed
-from n2a_core.checkpoint import latest_checkpoint
+from n2a_core.checkpoint import latest_checkpoint, load_autoencoder_weights
+from n2a_core.component import BuildContext
 from n2a_core.conditioner import check_labels
-from n2a_core.data import collate_samples, make_grid_image, make_splits, report_skipped
-from n2a_core.distributed import SINGLE, Dist, DistributedError, local_batch, rank_seed
+from n2a_core.diffusion_model import DiffusionModel
 from n2a_core.errors import CheckpointError, SpecError
-from n2a_core.latent_cache import cache_key, encode_dataset, load_or_build
-from n2a_core.loop import BatchStream, TrainingLoop
+from n2a_core.images import make_grid_image
 from n2a_core.pipeline import Pipeline, RunDir, build_pipeline
 from n2a_core.plugins import get_registry
 from n2a_core.progress import progress_bar
-from n2a_core.specs import BuildContext, DiffusionTrainingSpec, RunSpecBase, resolve_run_spec
-from n2a_core.train_autoencoder import AutoencoderStage, export_autoencoder, load_autoencoder_weights
-from n2a_core.train_diffusion import DiffusionModel, DiffusionStage
+from n2a_core.specs import DiffusionTrainingSpec, RunSpecBase, resolve_run_spec
+from n2a_core.training import distributed
+from n2a_core.training.autoencoder_stage import AutoencoderStage, export_autoencoder
+from n2a_core.training.batching import BatchStream, collate_samples, make_splits, report_skipped
+from n2a_core.training.diffusion_stage import DiffusionStage
+from n2a_core.training.distributed import SINGLE, Dist, DistributedError, local_batch, rank_seed
+from n2a_core.training.latent_cache import cache_key, encode_dataset, load_or_build
+from n2a_core.training.loop import TrainingLoop
 
 console = Console(stderr=True, highlight=False)
 

@@ -1,4 +1,4 @@
-"""Stage 2: train the denoiser on autoencoder latents (see n2a_core.diffusion for the math).
+"""Stage 2: train the denoiser on autoencoder latents (see n2a_core.training.objective for the math).
 
 What is trained and saved together is a `DiffusionModel`: the denoiser plus the
 conditioner when it has trainable parameters (a class-label embedding). Frozen text
@@ -20,52 +20,13 @@ import torch
 from torch import nn
 
 from n2a_core.autoencoder import Autoencoder
-from n2a_core.conditioner import Conditioner
-from n2a_core.denoiser import Denoiser
-from n2a_core.diffusion import EMA, diffusion_loss, draw_condition_drop
-from n2a_core.distributed import SINGLE, Dist, find_unused_parameters, rank_seed
-from n2a_core.loop import OptimizerSlot, Stage, adamw
+from n2a_core.diffusion_model import DiffusionModel
+from n2a_core.training.distributed import SINGLE, Dist, find_unused_parameters, rank_seed
+from n2a_core.training.loop import OptimizerSlot, Stage, adamw
+from n2a_core.training.objective import EMA, diffusion_loss, draw_condition_drop
 from n2a_core.sampler import Sampler, generators_for_seeds
 from n2a_core.schedule import NoiseSchedule
 from n2a_core.specs import DiffusionTrainingSpec
-
-
-class DiffusionModel(nn.Module):
-    """The trainable part of stage 2: the denoiser and, if trainable, the conditioner."""
-
-    def __init__(self, denoiser: Denoiser, conditioner: Conditioner | None):
-        super().__init__()
-        self.denoiser = denoiser
-        self.conditioner = conditioner if conditioner is not None and conditioner.trainable else None
-        # A frozen conditioner is used but not registered, so it never enters the state_dict.
-        object.__setattr__(self, "frozen_conditioner", conditioner if self.conditioner is None else None)
-
-    @property
-    def prediction_type(self):
-        return self.denoiser.prediction_type
-
-    def forward(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
-                drop: torch.Tensor | None = None) -> torch.Tensor:
-        """The denoiser's prediction (so that DDP can wrap the whole trainable model)."""
-        return self.denoiser(z_t, t, cond, drop)
-
-    @property
-    def any_conditioner(self) -> Conditioner | None:
-        return self.conditioner if self.conditioner is not None else self.frozen_conditioner
-
-    def embed(self, conditions: list[str]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(embeddings, missing) for B conditions; '' (no label or caption) is missing and
-        is always dropped to the null token."""
-        conditioner = self.any_conditioner
-        if conditioner is None:
-            return None, None
-        missing = torch.tensor([not c for c in conditions], dtype=torch.bool)
-        present = [c for c in conditions if c]
-        cond = conditioner.null_embedding(len(conditions)).clone()
-        if present:
-            idx = (~missing).nonzero().flatten().to(cond.device)
-            cond[idx] = conditioner.embed(present).to(cond.dtype)
-        return cond, missing
 
 
 class TrainingForward:
