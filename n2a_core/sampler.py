@@ -186,6 +186,8 @@ class Chain:
         t_in = timesteps.to(torch.float32)[:, None].expand(len(timesteps), shape[0]).contiguous()
         if mask is not None and init is None:
             raise SpecError("mask: inpainting needs the init image to keep outside the mask")
+        if strength < 1 and init is None:
+            raise SpecError("strength: image-to-image needs the init latents (init=)")
         if init is not None:
             init = init.to(device=device, dtype=torch.float32).expand(shape)
         repaint = None if mask is None else (mask.to(device) > 0.5).expand(shape)
