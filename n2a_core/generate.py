@@ -30,7 +30,7 @@ from n2a_core.errors import CheckpointError, DataError, SpecError
 from n2a_core.images import image_to_tensor, make_grid_image, open_image, tensor_to_image, to_rgb
 from n2a_core.pipeline import Pipeline, RunDir, build_pipeline
 from n2a_core.plugins import get_registry
-from n2a_core.sampler import NoiseBetween
+from n2a_core.sampler import NoiseBetween, Sampler
 from n2a_core.specs import RunSpecBase, resolve_run_spec
 
 
@@ -148,6 +148,12 @@ def generate(loaded: LoadedRun, conditions: list[str | Between], seeds: list[int
             repaint = latent_mask(load_mask(mask, image_size, canvas), p.autoencoder.downsample_factor)
     elif mask is not None:
         raise SpecError("mask: inpainting needs the image to keep outside the mask (--init-image)")
+    creative = {key: value for key, value in (("init", init if strength < 1 or repaint is not None else None),
+                                              ("strength", strength if strength < 1 else None), ("mask", repaint))
+                if value is not None}
+    if (creative or negative) and type(sampler).sample is not Sampler.sample:
+        raise SpecError(f"sampler: {type(sampler).__name__} overrides sample() instead of implementing the core's "
+                        "solve(chain), so it cannot do image-to-image, inpainting or negative conditions")
     out = []
     for start in range(0, len(seeds), batch_size):
         chunk_conditions = conditions[start:start + batch_size]
@@ -161,10 +167,10 @@ def generate(loaded: LoadedRun, conditions: list[str | Between], seeds: list[int
                 cond, use_guidance = None, guidance if negative_cond is not None else 0.0
             # Mixed batches: rows without a condition get guidance 0 via the null token.
         if negative_cond is not None:
-            negative_cond = negative_cond.to(loaded.device)
+            creative["negative"] = negative_cond.to(loaded.device)
         z = sampler.sample(loaded.model.denoiser, p.schedule, (len(chunk_seeds), *shape), cond=cond,
                            guidance=use_guidance, steps=steps, generator=[_generator(s) for s in chunk_seeds],
-                           negative=negative_cond, init=init, strength=strength, mask=repaint)
+                           **creative)
         out.append(p.autoencoder.decode(z.to(loaded.device)).clamp(-1, 1).float().cpu())
         if progress:
             progress(min(start + batch_size, len(seeds)), len(seeds))

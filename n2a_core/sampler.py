@@ -21,7 +21,7 @@ with the built-in samplers, without a line more.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -140,13 +140,14 @@ class Sampler(ABC):
                             negative=negative, init=init, strength=strength, mask=mask, callback=callback)
         return self.solve(chain)
 
-    @abstractmethod
     def solve(self, chain: Chain) -> torch.Tensor:
         """The update rule: walk `chain` from `chain.z` over its timesteps to clean latents.
 
         For each step i: `chain.predict(z, i)` (or `chain.eps_and_x0(z, i)`), the update to the
         level `chain.alpha_bar_next[i]` (drawing any fresh noise with `chain.noise()`), then
-        `z = chain.step_done(i, z)`. Return z after the last step."""
+        `z = chain.step_done(i, z)`. Return z after the last step. (Not abstract only so that
+        older samplers that override `sample` instead still load.)"""
+        raise NotImplementedError(f"{type(self).__name__}: implement solve(chain), the sampler's update rule")
 
 
 @dataclass

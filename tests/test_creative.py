@@ -375,3 +375,19 @@ def test_write_animation_makes_a_looping_gif(tmp_path):
     paths = write_animation(images, tmp_path)
     gif = Image.open(paths[0])
     assert paths[0].name == "interpolation.gif" and gif.n_frames == 3 and gif.info["loop"] == 0
+
+
+def test_a_sampler_with_its_own_sample_loop_still_works_and_says_what_it_cannot_do():
+    """Samplers written before the core owned the chain override sample(); they load and draw,
+    and asking them for a creative mode is a one-line error naming the sampler."""
+    from n2a_core import Sampler
+
+    class OwnLoop(Sampler):
+        def sample(self, denoiser, schedule, shape, cond=None, guidance=0.0, steps=None, generator=None,
+                   callback=None):
+            return torch.zeros(tuple(shape))
+
+    loaded = loaded_run(sampler=OwnLoop())
+    assert generate(loaded, [""], [0]).shape == (1, 3, 16, 16)
+    with pytest.raises(SpecError, match="sampler: OwnLoop overrides sample"):
+        generate(loaded, [""], [0], init_image=picture(), strength=0.5)
