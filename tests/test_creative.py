@@ -391,3 +391,19 @@ def test_a_sampler_with_its_own_sample_loop_still_works_and_says_what_it_cannot_
     assert generate(loaded, [""], [0]).shape == (1, 3, 16, 16)
     with pytest.raises(SpecError, match="sampler: OwnLoop overrides sample"):
         generate(loaded, [""], [0], init_image=picture(), strength=0.5)
+
+
+def test_creative_chains_never_read_device_values(monkeypatch):
+    """As plain sampling (test_samplers): no .item()/bool() on tensors, which would stall a GPU."""
+    schedule = SCHEDULES["cosine"]
+    init, mask = torch.zeros(1, 2, 2, 2), torch.tensor([1.0, 0.0]).view(1, 1, 1, 2)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host read of a tensor value inside sample()")
+
+    generators = [NoiseBetween(*generators_for_seeds([1, 2]), 0.3), *generators_for_seeds([3])]
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    for make in FEW_STEPS.values():
+        make().sample(ToyConditional(), schedule, (2, 2, 2, 2), cond=torch.ones(2, 3), guidance=1.5,
+                      negative=torch.zeros(2, 3), init=init, strength=0.6, mask=mask, generator=generators)
