@@ -1,28 +1,76 @@
-"""n2a core: plugin registry, specs, interfaces and the training/sampling machinery.
+"""n2a core: the plugin API, the registry, specs, and the machinery that trains and samples.
 
-A plugin module writes::
+Plugins import only from here (`from n2a_core import ...`, the names in `__all__`)::
 
-    from n2a_core import ComponentSpec, hookimpl
+    from n2a_core import ComponentSpec, NoiseSchedule, hookimpl
 
     @hookimpl
     def register_schedules(register):
-        register("sigmoid", SigmoidScheduleSpec, build_sigmoid, "Sigmoid schedule")
+        register(SigmoidScheduleSpec, SigmoidSchedule)  # name from the spec's `type` literal
+
+Map of the package (each module's docstring says more):
+
+  the six interfaces a plugin implements
+    autoencoder    Autoencoder: images <-> scaled latents, its own training losses
+    denoiser       Denoiser: (z_t, t, condition) -> epsilon, v or z0 prediction
+    schedule       NoiseSchedule: alpha_bar, betas, log-SNR, add_noise
+    conditioner    Conditioner: labels or captions -> embeddings, a null embedding
+    sampler        Sampler and the Chain the core sets up for it: timesteps, start, guidance,
+                   inpainting, noise (a sampler writes only its update rule)
+    data_source    DataSource: Records listed cheaply, Samples decoded on demand
+  plugins and specs
+    hookspecs      the `register_*` hooks and `hookimpl`
+    kinds          the six kinds: spec field, hook and interface of each
+    plugins        plugin loading and the Registry; `register(Spec, Class)`
+    component      ComponentSpec (every plugin spec's base) and BuildContext
+    specs          the run spec: training sections, loading, `--set` overrides
+    spec_errors    pydantic errors as one line per problem
+    presets        the paper presets (`--preset`)
+    errors         N2AError and its kinds, did-you-mean
+  using the components
+    pipeline       the components of a run built from its spec and checked together; RunDir
+    diffusion_model the trainable part of stage 2 (denoiser + trainable conditioner)
+    checkpoint     safetensors checkpoints and weights, written by training, read by generation
+    generate       `n2a sample`: load a run, sample, write PNGs (needs nothing from training)
+    images         image decoding, the image transform, grids
+    device, layout, progress   small shared helpers
+  training/        everything `n2a train` runs (see n2a_core.training): the two stages,
+                   the loop, batching, latent cache, distributed training, evaluation
 """
 
 from n2a_core.autoencoder import Autoencoder, AutoencoderLosses
-from n2a_core.conditioner import Conditioner
-from n2a_core.data_source import DataSource, DataSourceSpec, Sample
-from n2a_core.denoiser import Conditioning, Denoiser
-from n2a_core.errors import N2AError
-from n2a_core.hookspecs import hookimpl
-from n2a_core.plugins import get_registry, load_plugins
-from n2a_core.sampler import Chain, Sampler, SamplerSpec
-from n2a_core.schedule import NoiseSchedule
 from n2a_core.component import BuildContext, ComponentSpec
+from n2a_core.conditioner import Conditioner
+from n2a_core.data_source import DataSource, DataSourceSpec, Record, Sample
+from n2a_core.denoiser import Conditioning, Denoiser, PredictionType
+from n2a_core.errors import CheckpointError, DataError, N2AError, PluginError, SpecError, did_you_mean
+from n2a_core.hookspecs import hookimpl
+from n2a_core.images import open_image
+from n2a_core.layout import preferred_layout, prefers_channels_last
+from n2a_core.plugins import get_registry, load_plugins
+from n2a_core.sampler import (
+    EPSILON_MIN_LOG_SNR, Chain, Generators, NoiseBetween, Sampler, SamplerSpec, StepCallback, TimestepSpacing,
+    guided_prediction, randn, sampling_timesteps, slerp, spaced_timesteps, to_epsilon_and_x0, usable_timesteps,
+)
+from n2a_core.schedule import NoiseSchedule, betas_from_alpha_bar
 from n2a_core.specs import load_run_spec
 
 __all__ = [
-    "Autoencoder", "AutoencoderLosses", "BuildContext", "Chain", "ComponentSpec", "Conditioner",
-    "Conditioning", "DataSource", "DataSourceSpec", "Denoiser", "N2AError", "NoiseSchedule",
-    "Sample", "Sampler", "SamplerSpec", "get_registry", "hookimpl", "load_plugins", "load_run_spec",
+    # writing a plugin
+    "hookimpl", "ComponentSpec", "BuildContext",
+    # the six interfaces and what they exchange
+    "Autoencoder", "AutoencoderLosses",
+    "Denoiser", "Conditioning", "PredictionType",
+    "NoiseSchedule", "betas_from_alpha_bar",
+    "Conditioner",
+    "Sampler", "SamplerSpec", "Chain", "Generators", "NoiseBetween", "StepCallback", "TimestepSpacing",
+    "EPSILON_MIN_LOG_SNR", "sampling_timesteps", "spaced_timesteps", "usable_timesteps", "randn", "slerp",
+    "guided_prediction", "to_epsilon_and_x0",
+    "DataSource", "DataSourceSpec", "Record", "Sample", "open_image",
+    # errors a plugin raises (one line each, shown by the CLI)
+    "N2AError", "SpecError", "PluginError", "DataError", "CheckpointError", "did_you_mean",
+    # tensor layout helpers
+    "preferred_layout", "prefers_channels_last",
+    # using n2a from Python
+    "load_plugins", "get_registry", "load_run_spec",
 ]

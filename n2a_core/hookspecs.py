@@ -1,8 +1,10 @@
 """The pluggy markers and hook specifications of n2a.
 
 Every hook receives a `register` callback (simonw/llm style) and calls it once per
-component: ``register(name, spec_class, factory, description=None)``. One hook per
-component kind keeps plugin modules readable; all of them feed the same `Registry`.
+component: ``register(MySpec, MyClass)`` (the name is MySpec's `type` literal), or
+``register(name, MySpec, factory, description=None)`` when the factory needs the build
+context (see `n2a_core.plugins.Registrar`). One hook per component kind keeps plugin
+modules readable; all of them feed the same `Registry`.
 """
 
 import pluggy

@@ -2,7 +2,9 @@
 
 Plugins are modules listed under the entry-point group ``n2a`` (built-ins included:
 see pyproject.toml). Each module implements some of the hooks in `hookspecs` and calls
-``register(name, spec_class, factory, description)`` for every component it provides.
+the `register` callback it receives (a `Registrar`) for every component it provides:
+``register(MySpec, MyClass)`` or, when the factory needs the build context,
+``register(name, MySpec, factory, description)``.
 
 A plugin that fails to import, misspells a hook, or raises while registering does not
 break n2a: it is recorded with status ``error`` and shown by ``n2a list-plugins``.
@@ -226,7 +228,7 @@ def load_plugins(
             status = registry.plugins[impl.plugin_name]
             if status.status == "error":
                 continue
-            register = functools.partial(registry.register, kind.name, source=status.source)
+            register = Registrar(registry, kind.name, status.source)
             if tracing:
                 print(f"n2a: calling {impl.plugin_name}.{kind.hook}(register)", file=sys.stderr)
             try:
@@ -235,6 +237,72 @@ def load_plugins(
                 registry.forget_plugin(impl.plugin_name)
                 status.status, status.error = "error", _one_line(exc)
     return registry
+
+
+def literal_name(spec: type) -> str | None:
+    """The name in a spec's `type: Literal["name"]`, or None when it declares no single one."""
+    field = getattr(spec, "model_fields", {}).get("type")
+    if field is None or typing.get_origin(field.annotation) is not typing.Literal:
+        return None
+    args = typing.get_args(field.annotation)
+    return args[0] if len(args) == 1 and isinstance(args[0], str) else None
+
+
+def construct(cls: Callable[..., Any]) -> Callable[[ComponentSpec, BuildContext], Any]:
+    """The factory of `register(Spec, Class)`: `Class(**spec.params())`, no build context."""
+    def factory(spec: ComponentSpec, context: BuildContext) -> Any:
+        return cls(**spec.params())
+
+    factory.__qualname__ = f"construct({getattr(cls, '__qualname__', cls)!s})"
+    return factory
+
+
+@dataclass(frozen=True)
+class Registrar:
+    """The `register` callback a hook receives, bound to one kind and one plugin. Two forms:
+
+    - ``register(MySpec, MyClass[, description])``: the name is the `type` literal of
+      MySpec and the component is ``MyClass(**spec.params())``; the description defaults
+      to the first line of MyClass's docstring.
+    - ``register(name, MySpec, factory[, description])``: ``factory(spec, context)`` for
+      components that need the `BuildContext` (device, label vocabulary, latent channels).
+    """
+
+    registry: Registry
+    kind: str
+    source: PluginSource
+
+    def __call__(self, *args: Any, description: str | None = None) -> None:
+        if len(args) in (3, 4) and isinstance(args[0], str):  # (name, Spec, factory[, description])
+            name, spec, factory, *rest = args
+        elif len(args) in (2, 3) and isinstance(args[0], type):  # (Spec, Class[, description])
+            spec, cls, *rest = args
+            name = self._name_of(spec)
+            if not callable(cls):
+                raise PluginError(f"plugin '{self.source.name}': register({spec.__name__}, {cls!r}): "
+                                  "the second argument must be the component class")
+            factory = construct(cls)
+            if not rest and description is None:
+                doc = (cls.__doc__ or "").strip().splitlines()
+                description = doc[0] if doc else ""
+        else:
+            shown = ", ".join(a if isinstance(a, str) else getattr(a, "__name__", type(a).__name__) for a in args)
+            raise PluginError(
+                f"plugin '{self.source.name}': register({shown}) for a {self.kind}: expected "
+                "register(MySpec, MyClass[, description]) or register(name, MySpec, factory[, description])")
+        if rest:
+            description = rest[0]
+        self.registry.register(self.kind, name, spec, factory, description, source=self.source)
+
+    def _name_of(self, spec: type) -> str:
+        if not issubclass(spec, ComponentSpec):
+            raise PluginError(f"plugin '{self.source.name}': {self.kind} spec {spec.__name__} must subclass "
+                              "n2a_core.ComponentSpec")
+        name = literal_name(spec)
+        if name is None:
+            raise PluginError(f"plugin '{self.source.name}': {self.kind} spec {spec.__name__} has no single `type` "
+                              "literal to name it; declare `type: Literal['my-name'] = 'my-name'`")
+        return name
 
 
 _REGISTRY: Registry | None = None

@@ -18,8 +18,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from n2a_core import hookimpl
-from n2a_core.sampler import Chain, Sampler, SamplerSpec
+from n2a_core import Chain, Sampler, SamplerSpec, hookimpl
 
 
 class _ScheduleSamplerSpec(SamplerSpec):
@@ -186,9 +185,7 @@ class DPMSolverPP2MSampler(_ScheduleSampler):
 
 @hookimpl
 def register_samplers(register):
-    register("ddpm", DDPMSpec, lambda spec, ctx: DDPMSampler(**spec.params()),
-             "DDPM ancestral sampling (Ho et al. 2020), all T steps or respaced")
-    register("ddim", DDIMSpec, lambda spec, ctx: DDIMSampler(**spec.params()),
-             "DDIM (Song et al. 2021), eta = 0 deterministic, any number of steps")
-    register("dpmpp-2m", DPMPP2MSpec, lambda spec, ctx: DPMSolverPP2MSampler(**spec.params()),
+    register(DDPMSpec, DDPMSampler, "DDPM ancestral sampling (Ho et al. 2020), all T steps or respaced")
+    register(DDIMSpec, DDIMSampler, "DDIM (Song et al. 2021), eta = 0 deterministic, any number of steps")
+    register(DPMPP2MSpec, DPMSolverPP2MSampler,
              "DPM-Solver++(2M) (Lu et al. 2022), second-order multistep, good in 10-25 steps")

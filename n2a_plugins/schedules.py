@@ -8,8 +8,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from n2a_core import ComponentSpec, NoiseSchedule, hookimpl
-from n2a_core.schedule import betas_from_alpha_bar
+from n2a_core import ComponentSpec, NoiseSchedule, betas_from_alpha_bar, hookimpl
 
 
 class LinearScheduleSpec(ComponentSpec):
@@ -63,7 +62,5 @@ class CosineSchedule(NoiseSchedule):
 
 @hookimpl
 def register_schedules(register):
-    register("linear", LinearScheduleSpec, lambda spec, ctx: LinearSchedule(**spec.params()),
-             "DDPM linear betas (1e-4 to 0.02 over T=1000)")
-    register("cosine", CosineScheduleSpec, lambda spec, ctx: CosineSchedule(**spec.params()),
-             "Nichol & Dhariwal cosine alpha_bar, betas clipped at 0.999")
+    register(LinearScheduleSpec, LinearSchedule, "DDPM linear betas (1e-4 to 0.02 over T=1000)")
+    register(CosineScheduleSpec, CosineSchedule, "Nichol & Dhariwal cosine alpha_bar, betas clipped at 0.999")

@@ -41,10 +41,16 @@ import torch.nn.functional as F
 from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 from torch import nn
 
-from n2a_core import BuildContext, ComponentSpec, Conditioning, Denoiser, hookimpl
-from n2a_core.denoiser import PredictionType
-from n2a_core.errors import SpecError
-from n2a_core.layout import prefers_channels_last
+from n2a_core import (
+    BuildContext,
+    ComponentSpec,
+    Conditioning,
+    Denoiser,
+    PredictionType,
+    SpecError,
+    hookimpl,
+    prefers_channels_last,
+)
 
 CondMode = Literal["none", "vector", "sequence"]
 

@@ -136,3 +136,31 @@ def test_generation_needs_nothing_from_training():
     training = sorted(m for m in reachable(graph, "n2a_core.generate") if m.startswith("n2a_core.training"))
     assert not training, f"n2a_core.generate reaches {training}"
     assert "n2a_core.training" not in reachable(graph, "n2a_core")  # `import n2a_core` stays light
+
+
+def test_plugins_and_examples_import_only_the_public_api():
+    """`n2a_core.__all__` is the plugin API: the built-ins and the examples use nothing else,
+    so what a third-party plugin can reach is exactly what n2a's own plugins use."""
+    import n2a_core
+
+    api, root = set(n2a_core.__all__), CORE.parent
+    offending = []
+    for path in sorted([*(root / "n2a_plugins").rglob("*.py"), *(root / "examples").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            where = f"{path.relative_to(root)}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Import):
+                offending += [f"{where} import {a.name}" for a in node.names if a.name.startswith("n2a_core")]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("n2a_core"):
+                if node.module != "n2a_core":
+                    offending.append(f"{where} from {node.module} import ...")
+                else:
+                    offending += [f"{where} n2a_core.{a.name} is not in n2a_core.__all__"
+                                  for a in node.names if a.name not in api]
+    assert not offending, "; ".join(offending)
+
+
+def test_the_public_api_names_what_it_exports():
+    import n2a_core
+
+    missing = [name for name in n2a_core.__all__ if not hasattr(n2a_core, name)]
+    assert not missing and len(set(n2a_core.__all__)) == len(n2a_core.__all__), missing

@@ -153,6 +153,62 @@ def test_duplicate_name_is_refused_naming_both_plugins():
     assert "\n" not in status.error
 
 
+class FakeSampler:
+    """A fake sampler built from its spec's fields."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+
+def registered(*args, kind: str = "sampler", **kwargs):
+    """A registry holding one plugin whose `kind` hook calls register(*args, **kwargs)."""
+    def hook(register):
+        register(*args, **kwargs)
+
+    plugin = types.SimpleNamespace(**{KINDS[kind].hook: hookimpl(hook)})
+    return load_plugins(extra=[(plugin, SRC_A)], entry_points=False)
+
+
+def test_short_form_takes_the_name_from_the_literal_and_builds_the_class():
+    registry = registered(fake_spec("short"), FakeSampler)
+    assert registry.plugins["plugin_a"].status == "ok" and registry.names("sampler") == ["short"]
+    component = registry.get("sampler", "short")
+    assert component.description == "A fake sampler built from its spec's fields."
+    built = registry.build("sampler", registry.validate_spec("sampler", {"type": "short", "size": 8}))
+    assert isinstance(built, FakeSampler) and built.size == 8
+
+
+def test_short_form_takes_a_description_positionally_or_by_keyword():
+    assert registered(fake_spec("a"), FakeSampler, "one line").get("sampler", "a").description == "one line"
+    by_keyword = registered(fake_spec("b"), FakeSampler, description="by keyword")
+    assert by_keyword.get("sampler", "b").description == "by keyword"
+
+
+def test_explicit_form_still_passes_the_build_context():
+    from n2a_core import BuildContext
+
+    registry = registered("ctx", fake_spec("ctx"), fake_factory, "needs the context", kind="schedule")
+    context = BuildContext(label_vocabulary=["a", "b"])
+    built = registry.build("schedule", registry.validate_spec("schedule", "ctx"), context)
+    assert built.ctx is context and registry.get("schedule", "ctx").description == "needs the context"
+
+
+@pytest.mark.parametrize("args, expected", [
+    ((create_model("NoTag", __base__=ComponentSpec, type=(str, "x")), FakeSampler), "has no single `type` literal"),
+    ((create_model("TwoTags", __base__=ComponentSpec, type=(Literal["x", "y"], "x")), FakeSampler),
+     "has no single `type` literal"),
+    ((create_model("Plain", type=(Literal["x"], "x")), FakeSampler), "must subclass n2a_core.ComponentSpec"),
+    ((fake_spec("x"), 42), "the second argument must be the component class"),
+    ((fake_spec("x"),), "expected register(MySpec, MyClass[, description])"),
+    (("x", fake_spec("x")), "expected register(MySpec, MyClass[, description])"),
+])
+def test_register_mistakes_are_one_line_plugin_errors(args, expected):
+    registry = registered(*args)
+    status = registry.plugins["plugin_a"]
+    assert status.status == "error" and registry.names("sampler") == []
+    assert expected in status.error and "plugin 'plugin_a'" in status.error and "\n" not in status.error
+
+
 def test_spec_whose_type_default_differs_from_the_name_is_refused():
     class Plugin:
         @staticmethod

@@ -1,8 +1,8 @@
 """A template n2a plugin: the Euler sampler of Karras et al. 2022 (Algorithm 1, no churn).
 
 Copy this package to start your own: rename the module, the entry point in pyproject.toml
-and the registered name, then replace the class. Everything n2a needs is here:
-a spec (pydantic, `type` literal = the name), a factory, and one `register_*` hook.
+and the spec's `type` literal, then replace the class. Everything n2a needs is here:
+a spec (pydantic, its `type` literal is the name), the class, and one `register_*` hook.
 
 A sampler writes only its update rule, `solve(chain)`. The core lays out the chain: the
 timestep grid (spacing, the epsilon floor `min_log_snr`, image-to-image `strength`), the
@@ -47,5 +47,4 @@ class EulerSampler(Sampler):
 
 @hookimpl
 def register_samplers(register):
-    register("euler", EulerSpec, lambda spec, ctx: EulerSampler(**spec.params()),
-             "Euler ODE sampler (Karras et al. 2022) — the plugin template")
+    register(EulerSpec, EulerSampler, "Euler ODE sampler (Karras et al. 2022) — the plugin template")

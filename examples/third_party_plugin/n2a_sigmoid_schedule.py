@@ -20,8 +20,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from n2a_core import ComponentSpec, NoiseSchedule, hookimpl
-from n2a_core.schedule import betas_from_alpha_bar
+from n2a_core import ComponentSpec, NoiseSchedule, betas_from_alpha_bar, hookimpl
 
 ALPHA_BAR_MIN = 1e-9
 """Chen 2023 clips alpha_bar at clip_min=1e-9 so log-SNR stays finite at u=1."""
@@ -66,5 +65,5 @@ class SigmoidSchedule(NoiseSchedule):
 
 @hookimpl
 def register_schedules(register):
-    register("sigmoid", SigmoidScheduleSpec, lambda spec, ctx: SigmoidSchedule(**spec.params()),
+    register(SigmoidScheduleSpec, SigmoidSchedule,
              "Sigmoid alpha_bar (Jabri et al. 2022, Chen 2023) with start/end/tau")

@@ -9,8 +9,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from n2a_core import ComponentSpec, Conditioner
-from n2a_core.errors import SpecError, did_you_mean
+from n2a_core import ComponentSpec, Conditioner, SpecError, did_you_mean
 
 
 class ClassLabelSpec(ComponentSpec):

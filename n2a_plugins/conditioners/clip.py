@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from n2a_core import ComponentSpec
-from n2a_core.errors import SpecError, did_you_mean
+from n2a_core import ComponentSpec, SpecError, did_you_mean
 from n2a_plugins.conditioners.frozen import FrozenTextConditioner, hub_offline
 
 SCHEMAS = ("local-dir:", "hf-hub:")

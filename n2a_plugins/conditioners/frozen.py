@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from n2a_core.conditioner import Conditioner
+from n2a_core import Conditioner
 
 
 @contextlib.contextmanager

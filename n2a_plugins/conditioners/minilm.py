@@ -8,8 +8,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from n2a_core import ComponentSpec
-from n2a_core.errors import SpecError
+from n2a_core import ComponentSpec, SpecError
 from n2a_plugins.conditioners.frozen import FrozenTextConditioner, hub_offline
 
 

@@ -20,10 +20,7 @@ from urllib.parse import urlparse
 from PIL import Image
 from pydantic import field_validator
 
-from n2a_core.component import BuildContext
-from n2a_core.data_source import DataSource, DataSourceSpec, Record, Sample
-from n2a_core.errors import DataError
-from n2a_core.images import open_image
+from n2a_core import BuildContext, DataError, DataSource, DataSourceSpec, Record, Sample, open_image
 
 BUILDERS = ("parquet", "arrow", "csv", "json", "imagefolder")
 FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}

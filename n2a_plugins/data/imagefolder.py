@@ -16,10 +16,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from n2a_core.component import BuildContext
-from n2a_core.data_source import DataSource, DataSourceSpec, Record, Sample
-from n2a_core.errors import DataError
-from n2a_core.images import open_image
+from n2a_core import BuildContext, DataError, DataSource, DataSourceSpec, Record, Sample, open_image
 
 IMAGE_EXTENSIONS = ["bmp", "gif", "jfif", "jpeg", "jpg", "png", "ppm", "tga", "tif", "tiff", "webp"]
 

@@ -24,10 +24,7 @@ import PIL
 from PIL import Image, ImageDraw, ImageFont, features
 from pydantic import field_validator
 
-from n2a_core.component import BuildContext
-from n2a_core.data_source import DataSource, DataSourceSpec, Record, Sample
-from n2a_core.errors import DataError
-from n2a_core.images import open_image
+from n2a_core import BuildContext, DataError, DataSource, DataSourceSpec, Record, Sample, open_image
 from n2a_plugins.data.emoji_groups import (
     EXTRAS_OPENMOJI, GROUPS, NEWER_NAMES, PRIVATE_USE, REGIONAL_INDICATORS, group_of,
 )

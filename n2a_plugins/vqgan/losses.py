@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from n2a_core.errors import CheckpointError
+from n2a_core import CheckpointError
 
 # -- LPIPS weight files ----------------------------------------------------------------------
 VGG16_FILE = "vgg16-397923af.pth"

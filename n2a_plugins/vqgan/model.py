@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from n2a_core.autoencoder import Autoencoder, AutoencoderLosses
-from n2a_core.layout import preferred_layout
+from n2a_core import Autoencoder, AutoencoderLosses, preferred_layout
 from n2a_plugins.vqgan.losses import (
     PatchDiscriminator,
     adaptive_weight,

@@ -6,8 +6,7 @@ import math
 import torch
 from torch import nn
 
-from n2a_core.sampler import sampling_timesteps
-from n2a_core.schedule import NoiseSchedule
+from n2a_core import NoiseSchedule, sampling_timesteps
 from n2a_euler_sampler import EulerSampler
 
 
