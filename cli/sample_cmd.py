@@ -41,7 +41,7 @@ def sample(
     mask: Annotated[Path | None, typer.Option(help="Inpainting mask the size of --init-image: white = repaint, "
                                               "black = keep.", show_default=False)] = None,
     interpolate: Annotated[tuple[str, str] | None, typer.Option(
-        help="Two prompts (or labels) to morph between, one frame each step.", show_default=False)] = None,
+        help="Two prompts (or labels) to morph between, in --frames images.", show_default=False)] = None,
     interpolate_seeds: Annotated[tuple[int, int] | None, typer.Option(
         help="Two seeds whose noise to morph between (slerp).", show_default=False)] = None,
     frames: Annotated[int, typer.Option(help="Frames of an --interpolate/--interpolate-seeds animation.",
