@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from n2a_core.generate import load_run
 from n2a_core.images import image_to_tensor, make_grid_image, tensor_to_image
 from n2a_plugins.data.openmoji import Renderer, font_path
 
@@ -33,9 +34,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        face, mask = work / "grinning.png", work / "mask-top.png"
-        Renderer(font_path(), 128).render((0x1F600,)).save(face)  # 128 px: sampling resizes it
-        mask_image = Image.new("L", (128, 128), 0)
+        face, mask = work / "red-circle.png", work / "mask-top.png"
+        Renderer(font_path(), 128).render((0x1F534,)).save(face)  # 128 px: sampling resizes it
+        mask_image = Image.new("L", (128, 128), 0)  # black: keep
         mask_image.paste(255, (0, 0, 128, 64))  # repaint the top half
         mask_image.save(mask)
 
@@ -52,14 +53,18 @@ def main() -> None:
             make_grid_image(big, nrow=nrow, captions=captions).save(args.out / name)
 
         init = image_to_tensor(Image.open(face), 32)
-        shots = [sample(f"i2i-{s}", "--prompt", "cat face", "--init-image", str(face), "--strength", str(s),
+        autoencoder = load_run(args.run, device="cpu").pipeline.autoencoder
+        with torch.no_grad():  # what the model can keep of the init: its autoencoder's reconstruction
+            reconstruction = autoencoder.decode(autoencoder.encode(init[None])).clamp(-1, 1)[0]
+        shots = [sample(f"i2i-{s}", "--prompt", "large blue circle", "--init-image", str(face), "--strength", str(s),
                         "--n", "1")[0] for s in (0.4, 0.6, 0.8)]
-        grid([init, *shots], ["init", "strength 0.4", "0.6", "0.8"], 4, "creative-img2img.png")
+        grid([init, reconstruction, *shots], ["init", "reconstructed", "strength 0.4", "0.6", "0.8"], 5,
+             "creative-img2img.png")
 
-        shots = sample("inpaint", "--prompt", "grinning face", "--init-image", str(face), "--mask", str(mask),
+        shots = sample("inpaint", "--prompt", "large blue circle", "--init-image", str(face), "--mask", str(mask),
                        "--n", "3", "--seed", "1")
-        grid([init, image_to_tensor(Image.open(mask), 32), *shots], ["init", "mask", "seed 1", "seed 2", "seed 3"],
-             5, "creative-inpaint.png")
+        grid([init, image_to_tensor(Image.open(mask), 32).clamp(-0.9, 1), *shots],
+             ["init", "mask (white)", "seed 1", "seed 2", "seed 3"], 5, "creative-inpaint.png")
 
         frames = sample("morph", "--interpolate", "grinning face", "cat face", "--frames", "8", "--seed", "3")
         big = [tensor_to_image(x) for x in F.interpolate(torch.stack(frames), scale_factor=SHOWN, mode="nearest")]
