@@ -14,12 +14,6 @@ convolutions and nearest upsampling are faster in that layout on the CPU.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # `python benchmarks/autoencoder.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 
 from benchmarks.common import (

@@ -12,13 +12,9 @@ The one-off cost of building the cache is reported beside the speed-up.
 from __future__ import annotations
 
 import copy
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):  # `python benchmarks/cache.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
@@ -65,12 +61,12 @@ def run(size: Size = R64, images: int = 64, repeats: int = 3, device: torch.devi
         quick: bool = False, clock: str | None = None) -> dict:
     from n2a_core import BuildContext, get_registry
     from n2a_core.diffusion_model import DiffusionModel
+    from n2a_core.specs import DiffusionTrainingSpec
     from n2a_core.training.batching import BatchStream, collate_samples, make_splits
+    from n2a_core.training.diffusion_stage import DiffusionStage
     from n2a_core.training.latent_cache import cache_key, encode_dataset, load_or_build
     from n2a_core.training.loop import TrainingLoop
-    from n2a_core.specs import DiffusionTrainingSpec
     from n2a_core.training.run import collate_latents
-    from n2a_core.training.diffusion_stage import DiffusionStage
 
     device = device or torch.device("cpu")
     clock = clock or default_clock(device)

@@ -14,13 +14,9 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):  # `python benchmarks/loss_curve.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
@@ -61,12 +57,12 @@ def train_curve(denoiser, latents: torch.Tensor, precision: str, steps: int, siz
     """Per-step losses of one stage-2 run, and its seconds per step."""
     from n2a_core import get_registry
     from n2a_core.diffusion_model import DiffusionModel
+    from n2a_core.specs import DiffusionTrainingSpec
     from n2a_core.training.batching import BatchStream
+    from n2a_core.training.diffusion_stage import DiffusionStage
     from n2a_core.training.latent_cache import LatentDataset
     from n2a_core.training.loop import TrainingLoop
-    from n2a_core.specs import DiffusionTrainingSpec
     from n2a_core.training.run import collate_latents
-    from n2a_core.training.diffusion_stage import DiffusionStage
 
     registry = get_registry()
     schedule = registry.build("schedule", registry.validate_spec("schedule", {"type": "cosine"}))
@@ -130,7 +126,8 @@ def main(argv=None) -> None:
     result = run(SIZES[args.size], args.steps if not args.quick else min(args.steps, 60), device)
     rows = result.pop("rows")
     result["machine"] = machine(device)
-    emit(result, rows, f"stage-2 loss, fp32 vs bf16 autocast, {result['size']}, {result['metrics']['loss_steps']} steps")
+    steps = result["metrics"]["loss_steps"]
+    emit(result, rows, f"stage-2 loss, fp32 vs bf16 autocast, {result['size']}, {steps} steps")
 
 
 if __name__ == "__main__":

@@ -23,9 +23,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python benchmarks/memory.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 
 from benchmarks.common import (
@@ -160,7 +157,8 @@ def main(argv=None) -> None:
     result = run(SIZES[args.size], device, args.quick, repeats=args.repeats or 3)
     rows = result.pop("rows")
     result["machine"] = machine(device)
-    emit(result, rows, f"peak memory, {result['size']}, batch {result['batch']} ({result['metrics']['peak_mem_method']})")
+    method = result["metrics"]["peak_mem_method"]
+    emit(result, rows, f"peak memory, {result['size']}, batch {result['batch']} ({method})")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ is fastest alone and 10x slower when another process wants a core; sleeping at o
 (OMP_WAIT_POLICY=PASSIVE) is safe but pays a wake-up per region. Each setting runs in a
 fresh process (OpenMP reads its environment once); settings alternate in every repeat.
 
-    python benchmarks/openmp_wait.py [--repeats 3]
+    python -m benchmarks.openmp_wait [--repeats 3]
 
 Prints a table and, as its last line, JSON with seconds per step (median over repeats) and
 each setting's ratio to PASSIVE (< 1: faster).
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     def finite(x: float) -> float | None:  # None: stalled past --timeout
         return x if x != float("inf") else None
 
-    print(json.dumps({situation: {name: {"s_per_step": finite(row[name]), "vs_passive": finite(row[name] / row["passive"])}
+    print(json.dumps({situation: {name: {"s_per_step": finite(row[name]),
+                                         "vs_passive": finite(row[name] / row["passive"])}
                                   for name in SETTINGS} for situation, row in results.items()}))
     return 0
 

@@ -2,9 +2,9 @@
 last line one JSON object with every figure (ratios are n2a over diffusers throughput, so
 > 1 means n2a is faster; memory is n2a over diffusers, so < 1 means n2a needs less).
 
-    python benchmarks/run.py --quick     # under 5 minutes on a 2-core CPU
-    python benchmarks/run.py             # everything, with the fp32 / bf16 loss curves
-    python benchmarks/run.py --compile   # adds a torch.compile row (minutes to compile)
+    python -m benchmarks.run --quick     # under 5 minutes on a 2-core CPU
+    python -m benchmarks.run             # everything, with the fp32 / bf16 loss curves
+    python -m benchmarks.run --compile   # adds a torch.compile row (minutes to compile)
 
 Exit status: 0 when every benchmark ran (targets missed or not), 1 when one failed, 2
 when diffusers is not installed.
@@ -16,10 +16,6 @@ import json
 import sys
 import time
 import traceback
-from pathlib import Path
-
-if __package__ in (None, ""):  # `python benchmarks/run.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (
     SIZES,

@@ -13,11 +13,6 @@ DPM-Solver++(2M) samples of the two must agree: their largest difference is repo
 from __future__ import annotations
 
 import dataclasses
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # `python benchmarks/sample.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
@@ -187,7 +182,8 @@ def run(size: Size = R64, repeats: int = 5, device: torch.device | None = None, 
     rows += [
         Row("ddim: max |n2a - diffusers| (same weights, noise)", diffs["ddim"], ""),
         Row("dpmpp-2m: max |n2a - diffusers|", diffs["dpmpp-2m"], ""),
-        Row("guided: denoiser forwards per step", forwards_per_step, "", f"batch {guided_batch} for {few.batch} images"),
+        Row("guided: denoiser forwards per step", forwards_per_step, "",
+            f"batch {guided_batch} for {few.batch} images"),
     ]
     return {"benchmark": "sample", "size": size.name, "batch": size.batch, "repeats": repeats, "clock": clock,
             "metrics": metrics, "rows": rows, "timings_s": {k: v.median for k, v in t.items()}}

@@ -15,12 +15,7 @@ matmuls and, where torch has a formula, attention; element-wise work is not coun
 from __future__ import annotations
 
 import copy
-import sys
 import time
-from pathlib import Path
-
-if __package__ in (None, ""):  # `python benchmarks/train.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +54,8 @@ def latents(size: Size, device: torch.device, seed: int = 0) -> torch.Tensor:
 
 def n2a_step(model, z0: torch.Tensor, bf16: bool = False, fused: bool = False, forward=None):
     """One n2a training step closure (returns the loss tensor)."""
-    from n2a_core.training.objective import diffusion_loss
     from n2a_core.training.loop import adamw
+    from n2a_core.training.objective import diffusion_loss
     from n2a_plugins.schedules import LinearSchedule
 
     schedule = LinearSchedule()

@@ -3,7 +3,7 @@
 import os
 
 # Before torch loads OpenMP, how its idle threads wait. The quickstart's tiny UNet runs
-# thousands of short parallel regions a step, and `benchmarks/openmp_wait.py` measured a
+# thousands of short parallel regions a step, and `python -m benchmarks.openmp_wait` measured a
 # stage-2 step on 2 cores: libgomp's default endless spinning ran >10x slower beside one
 # busy process; OMP_WAIT_POLICY=PASSIVE was safe there but 1.4x slower alone; a short spin
 # (GOMP_SPINCOUNT=10000) is as fast as the default alone and 1.5x PASSIVE beside a busy

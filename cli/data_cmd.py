@@ -34,9 +34,9 @@ def show(
     **plugins: str | None,
 ) -> None:
     """Show the run's data source (OpenMoji by default): sizes, splits, labels, captions, samples."""
+    from n2a_core.component import BuildContext
     from n2a_core.images import make_grid_image
     from n2a_core.plugins import get_registry
-    from n2a_core.component import BuildContext
     from n2a_core.training.batching import collate_samples, make_splits, report_skipped
 
     with user_errors():

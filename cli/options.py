@@ -5,13 +5,16 @@ from __future__ import annotations
 import functools
 import inspect
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+# Only torch-free modules at import time: `n2a --help` builds every option without torch.
 from n2a_core.kinds import KINDS
 from n2a_core.presets import preset_names
-from n2a_core.specs import RunSpecBase, load_run_spec
+
+if TYPE_CHECKING:
+    from n2a_core.specs import RunSpecBase
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="Run spec file (YAML, TOML or JSON).", show_default=False)
@@ -54,6 +57,7 @@ def resolve_cli_spec(
 ) -> RunSpecBase:
     """The run spec from (a preset or) a config file, --<kind> choices and --set overrides."""
     from n2a_core.presets import preset_path
+    from n2a_core.specs import load_run_spec
 
     path = config if config is not None else (preset_path(preset) if preset else None)
     return load_run_spec(path, plugins=plugins, overrides=overrides or [])

@@ -11,11 +11,12 @@ from rich.table import Table
 from cli.common import console, user_errors
 from n2a_core.errors import PluginError, did_you_mean
 from n2a_core.kinds import KINDS
-from n2a_core.plugins import get_registry
 
 
 def plugin_rows(kind: str | None = None) -> list[dict]:
     """One dict per component, plus one per plugin that failed to load (status 'error')."""
+    from n2a_core.plugins import get_registry
+
     registry = get_registry()
     rows = [
         {"kind": c.kind, "name": c.name, "package": c.source.package, "version": c.source.version,
@@ -39,6 +40,8 @@ def _default_text(field) -> str:
 
 def markdown_table(kind: str | None = None) -> str:
     """The README's plugin table: every built-in and installed component with its options."""
+    from n2a_core.plugins import get_registry
+
     lines = ["| kind | name | package | description | options (default) |", "|---|---|---|---|---|"]
     for c in get_registry().all(kind):
         options = ", ".join(
@@ -80,7 +83,8 @@ def readme_with_table(text: str) -> str:
     """README text with the built-in plugin table between its markers regenerated."""
     head, _, rest = text.partition(START)
     _, _, tail = rest.partition(END)
-    rows = [line for line in markdown_table().splitlines() if "| n2a |" in line or line.startswith("| kind") or line.startswith("|---")]
+    rows = [line for line in markdown_table().splitlines()
+            if "| n2a |" in line or line.startswith("| kind") or line.startswith("|---")]
     return f"{head}{START}\n" + "\n".join(rows) + f"\n{END}{tail}"
 
 

@@ -3,7 +3,6 @@ inpainting, interpolation and negative conditions (see `n2a_core.generate.genera
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -24,7 +23,8 @@ def sample(
     steps: Annotated[int | None, typer.Option(help="Sampler steps (default: the sampler's).", min=1)] = None,
     n: Annotated[int, typer.Option("--n", help="Images per prompt/label (or in all, unconditionally).", min=1)] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed + i.")] = 0,
-    out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN/samples/<time>).",
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: a new RUN/samples/<time>); "
+                                             "files already in it are kept, new ones numbered after them.",
                                              show_default=False)] = None,
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights.")] = True,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 16,
@@ -51,23 +51,25 @@ def sample(
     interpolations also write an animated GIF (and WebP)."""
     from n2a_core.errors import SpecError
     from n2a_core.generate import (
+        SampleWriter,
         check_conditions,
         generate,
         interpolation,
         load_run,
+        new_samples_folder,
         write_animation,
-        write_samples,
     )
     from n2a_core.pipeline import newest_run
-    from n2a_core.progress import progress_bar
     from n2a_core.plugins import get_registry
+    from n2a_core.progress import progress_bar
 
     with user_errors():
         if prompt and label:
             raise SpecError("--prompt and --label: give one kind of condition per call")
         if negative_prompt and negative_label:
             raise SpecError("--negative-prompt and --negative-label: give one")
-        if (interpolate or interpolate_seeds) and (len(prompt or label or []) > 1 or (interpolate and (prompt or label))):
+        given = prompt or label or []
+        if (interpolate and given) or (interpolate_seeds and len(given) > 1):
             raise SpecError("--interpolate: give the two ends there, not with --prompt/--label")
         if mask is not None and init_image is None:
             raise SpecError("--mask: inpainting needs --init-image, the picture to keep outside the mask")
@@ -96,21 +98,25 @@ def sample(
         sampler_spec = get_registry().validate_spec("sampler", sampler) if sampler else None
         if sampler_spec is not None and steps is None and hasattr(sampler_spec, "steps"):
             steps = sampler_spec.steps
-        with progress_bar("sampling", len(seeds)) as bar:
-            images = generate(loaded, conditions, seeds, guidance=guidance, sampler_spec=sampler_spec,
-                              steps=steps, batch_size=batch_size, progress=lambda done, total: bar(done, total),
-                              negative=negative, init_image=init_image, strength=strength or 1.0, mask=mask)
         sampler_name = sampler or (loaded.spec.sampler.type if loaded.spec.sampler else None)
         creative = {key: value for key, value in (
             ("negative", negative), ("init_image", str(init_image) if init_image else None),
             ("strength", strength), ("mask", str(mask) if mask else None)) if value is not None}
-        records = [{"index": i, **_seed_and_condition(s, c), "field": field or (loaded.conditioner.field if interpolate else None),
-                    "guidance": guidance, "sampler": sampler_name, "steps": steps, "ema": ema, "step": loaded.step,
+        field = field or (loaded.conditioner.field if interpolate else None)
+        records = [{"index": i, **_seed_and_condition(s, c), "field": field, "guidance": guidance,
+                    "sampler": sampler_name, "steps": steps, "ema": ema, "step": loaded.step,
                     "spec_digest": loaded.spec.digest(), **creative}
                    for i, (s, c) in enumerate(zip(seeds, conditions, strict=True))]
-        out_dir = out or loaded.run.samples / time.strftime("%Y%m%d-%H%M%S")
+        # A folder of our own (never another call's), and every image on disk as soon as it exists.
+        out_dir = out or new_samples_folder(loaded.run.samples)
+        writer = SampleWriter(out_dir, records)
+        with progress_bar("sampling", len(seeds)) as bar:
+            images = generate(loaded, conditions, seeds, guidance=guidance, sampler_spec=sampler_spec,
+                              steps=steps, batch_size=batch_size, progress=lambda done, total: bar(done, total),
+                              negative=negative, init_image=init_image, strength=strength or 1.0, mask=mask,
+                              on_images=writer)
         animated = interpolate is not None or interpolate_seeds is not None
-        grid = write_samples(images, records, out_dir, nrow=frames if animated else n if wanted else None)
+        grid = writer.write_grid(images, nrow=frames if animated else n if wanted else None)
         animations = write_animation(images, out_dir) if animated else []
     also = "".join(f"; {path.suffix[1:]}: {path}" for path in animations)
     console.print(f"{len(images)} images in [bold]{out_dir}[/bold]; grid: {grid}{also}")

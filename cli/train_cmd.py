@@ -17,7 +17,8 @@ OutOption = Annotated[Path | None, typer.Option("--out", "-o", help="Run folder 
                                                  show_default=False)]
 MaxStepsOption = Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.", min=1,
                                                     show_default=False)]
-ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue the run in --out (default: newest under runs/).")]
+ResumeOption = Annotated[bool, typer.Option("--resume",
+                                              help="Continue the run in --out (default: newest under runs/).")]
 
 
 def _spec_with_autoencoder_run(config, overrides, plugins, preset):
@@ -76,9 +77,9 @@ def train(
     with user_errors():
         spec, out_dir = _run_spec_and_folder(config, overrides, plugins, preset, out, resume)
         started = time.perf_counter()
-        session = train_run(spec, out_dir, resume=resume, max_steps=max_steps)
-        if session.is_main:
-            _final_samples(session)
+        with train_run(spec, out_dir, resume=resume, max_steps=max_steps) as session:  # holds the run's lock
+            if session.is_main:
+                _final_samples(session)
     console.print(f"done in {time.perf_counter() - started:.0f} s: {out_dir}")
 
 
@@ -88,7 +89,8 @@ FINAL_SEEDS = 4
 def _final_samples(session) -> None:
     """A grid for a handful of conditions, a row of seeds each, at the end of training
     (the quickstart's payoff)."""
-    from n2a_core.generate import generate, load_run, write_samples
+    from n2a_core.generate import SampleWriter, generate, load_run
+    from n2a_core.safe_files import new_folder
     from n2a_core.training.run import eval_split, preview_conditions
 
     loaded = load_run(session.run.root, device=str(session.device))
@@ -97,11 +99,12 @@ def _final_samples(session) -> None:
     conditions = [c for c in chosen for _ in range(FINAL_SEEDS)]
     seeds = list(range(FINAL_SEEDS)) * len(chosen)
     guidance = tspec.preview_guidance if loaded.conditioner is not None else 0.0
-    images = generate(loaded, conditions, seeds, guidance=guidance)
     records = [{"index": i, "seed": s, "condition": c, "guidance": guidance, "step": loaded.step,
                 "sampler": loaded.spec.sampler.type if loaded.spec.sampler else None,
                 "spec_digest": loaded.spec.digest()} for i, (s, c) in enumerate(zip(seeds, conditions, strict=True))]
-    grid = write_samples(images, records, session.run.samples / "final", nrow=FINAL_SEEDS)
+    writer = SampleWriter(new_folder(session.run.samples, "final"), records)  # final, final-2 after a resume, ...
+    images = generate(loaded, conditions, seeds, guidance=guidance, on_images=writer)
+    grid = writer.write_grid(images, nrow=FINAL_SEEDS)
     console.print(f"samples: [bold]{grid}[/bold]")
 
 
@@ -120,8 +123,8 @@ def train_autoencoder(
 
     with user_errors():
         spec, out_dir = _run_spec_and_folder(config, overrides, plugins, preset, out, resume)
-        session = prepare_run(spec, out_dir, resume=resume)
-        train_autoencoder_stage(session, max_steps)
+        with prepare_run(spec, out_dir, resume=resume) as session:  # holds the run's lock
+            train_autoencoder_stage(session, max_steps)
 
 
 def eval_autoencoder(

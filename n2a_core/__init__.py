@@ -30,30 +30,72 @@ Map of the package (each module's docstring says more):
   using the components
     pipeline       the components of a run built from its spec and checked together; RunDir
     diffusion_model the trainable part of stage 2 (denoiser + trainable conditioner)
-    checkpoint     safetensors checkpoints and weights, written by training, read by generation
+    checkpoint     safetensors checkpoints and weights, written by training, read by generation;
+                   validated metadata, fallback past a damaged one
     generate       `n2a sample`: load a run, sample, write PNGs (needs nothing from training)
     images         image decoding, the image transform, grids
+    safe_files     what concurrent processes and kill -9 cannot break: the run lock,
+                   atomic writes, exclusive names
     device, layout, progress   small shared helpers
   training/        everything `n2a train` runs (see n2a_core.training): the two stages,
                    the loop, batching, latent cache, distributed training, evaluation
 """
 
-from n2a_core.autoencoder import Autoencoder, AutoencoderLosses
-from n2a_core.component import BuildContext, ComponentSpec
-from n2a_core.conditioner import Conditioner
-from n2a_core.data_source import DataSource, DataSourceSpec, Record, Sample
-from n2a_core.denoiser import Conditioning, Denoiser, PredictionType
-from n2a_core.errors import CheckpointError, DataError, N2AError, PluginError, SpecError, did_you_mean
-from n2a_core.hookspecs import hookimpl
-from n2a_core.images import open_image
-from n2a_core.layout import preferred_layout, prefers_channels_last
-from n2a_core.plugins import get_registry, load_plugins
-from n2a_core.sampler import (
-    EPSILON_MIN_LOG_SNR, Chain, Generators, NoiseBetween, Sampler, SamplerSpec, StepCallback, TimestepSpacing,
-    guided_prediction, randn, sampling_timesteps, slerp, spaced_timesteps, to_epsilon_and_x0, usable_timesteps,
-)
-from n2a_core.schedule import NoiseSchedule, betas_from_alpha_bar
-from n2a_core.specs import load_run_spec
+import importlib
+from typing import TYPE_CHECKING
+
+# The names below load on first use (PEP 562), so `import n2a_core.kinds` or `n2a --help` does
+# not import torch. Type checkers and IDEs read the same imports here; tests/test_layering.py
+# keeps this block, _EXPORTS and __all__ the same.
+if TYPE_CHECKING:
+    from n2a_core.autoencoder import Autoencoder, AutoencoderLosses
+    from n2a_core.component import BuildContext, ComponentSpec
+    from n2a_core.conditioner import Conditioner
+    from n2a_core.data_source import DataSource, DataSourceSpec, Record, Sample
+    from n2a_core.denoiser import Conditioning, Denoiser, PredictionType
+    from n2a_core.errors import CheckpointError, DataError, N2AError, PluginError, SpecError, did_you_mean
+    from n2a_core.hookspecs import hookimpl
+    from n2a_core.images import open_image
+    from n2a_core.layout import preferred_layout, prefers_channels_last
+    from n2a_core.plugins import get_registry, load_plugins
+    from n2a_core.sampler import (
+        EPSILON_MIN_LOG_SNR,
+        Chain,
+        Generators,
+        NoiseBetween,
+        Sampler,
+        SamplerSpec,
+        StepCallback,
+        TimestepSpacing,
+        guided_prediction,
+        randn,
+        sampling_timesteps,
+        slerp,
+        spaced_timesteps,
+        to_epsilon_and_x0,
+        usable_timesteps,
+    )
+    from n2a_core.schedule import NoiseSchedule, betas_from_alpha_bar
+    from n2a_core.specs import load_run_spec
+
+_EXPORTS = {
+    "n2a_core.autoencoder": ["Autoencoder", "AutoencoderLosses"],
+    "n2a_core.component": ["BuildContext", "ComponentSpec"],
+    "n2a_core.conditioner": ["Conditioner"],
+    "n2a_core.data_source": ["DataSource", "DataSourceSpec", "Record", "Sample"],
+    "n2a_core.denoiser": ["Conditioning", "Denoiser", "PredictionType"],
+    "n2a_core.errors": ["CheckpointError", "DataError", "N2AError", "PluginError", "SpecError", "did_you_mean"],
+    "n2a_core.hookspecs": ["hookimpl"],
+    "n2a_core.images": ["open_image"],
+    "n2a_core.layout": ["preferred_layout", "prefers_channels_last"],
+    "n2a_core.plugins": ["get_registry", "load_plugins"],
+    "n2a_core.sampler": ["EPSILON_MIN_LOG_SNR", "Chain", "Generators", "NoiseBetween", "Sampler", "SamplerSpec",
+                         "StepCallback", "TimestepSpacing", "guided_prediction", "randn", "sampling_timesteps", "slerp",
+                         "spaced_timesteps", "to_epsilon_and_x0", "usable_timesteps"],
+    "n2a_core.schedule": ["NoiseSchedule", "betas_from_alpha_bar"],
+    "n2a_core.specs": ["load_run_spec"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = [
     # writing a plugin
@@ -74,3 +116,16 @@ __all__ = [
     # using n2a from Python
     "load_plugins", "get_registry", "load_run_spec",
 ]
+
+
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'n2a_core' has no attribute '{name}'")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -2,14 +2,22 @@
 
 A checkpoint is a folder ``step-00001234/`` holding ``tensors.safetensors`` (model, EMA,
 optimizer state and RNG states, as flat ``group/name`` keys) and ``state.json`` (step,
-spec digest, data position, optimizer hyper-parameters). It is written under a temporary
-name and renamed into place, and ``latest`` is replaced atomically afterwards, so a crash
-mid-write never leaves a broken latest checkpoint. Nothing is ever unpickled.
+spec digest, data position, optimizer hyper-parameters, the tensors file's sha256). It is
+written under a temporary name and renamed into place, and ``latest`` is replaced
+atomically afterwards, so a crash mid-write never leaves a broken latest checkpoint; a
+killed save leaves a hidden ``.step-*`` folder that `remove_partial_saves` clears at the
+next start. Nothing is ever unpickled.
+
+Reading validates ``state.json`` like a spec (`CheckpointState`) and checks the tensors
+against their sha256; `load_latest_checkpoint` falls back past a damaged checkpoint to the
+newest one that loads, with a warning.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -19,13 +27,67 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from n2a_core.autoencoder import Autoencoder
 from n2a_core.errors import CheckpointError
+from n2a_core.safe_files import remove_leftovers, temp_path, write_atomic
 
 TENSORS, STATE = "tensors.safetensors", "state.json"
+PARTIAL_PREFIX = ".step-"
+"""Hidden folders a save writes before renaming them to ``step-*``."""
+DAMAGED_PREFIX = "damaged-"
+"""A resume moves a damaged checkpoint aside under this prefix (kept for inspection)."""
+
+log = logging.getLogger("n2a.checkpoint")
+
+
+# -- the metadata, validated --------------------------------------------------------------
+class DataPosition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    epoch: int = Field(ge=0)
+    samples: int | None = Field(None, ge=0)
+    """Samples of the epoch consumed by all ranks together."""
+    batch: int | None = Field(None, ge=0)
+    """Per-process batch index (checkpoints written before `samples`)."""
+
+    @model_validator(mode="after")
+    def _one_position(self) -> DataPosition:
+        if self.samples is None and self.batch is None:
+            raise ValueError("needs 'samples' (or the older 'batch')")
+        return self
+
+
+class CheckpointState(BaseModel):
+    """What ``state.json`` must hold for a resume or for sampling. Unknown keys are kept
+    (older checkpoints held their RNG state here)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    step: int = Field(ge=0)
+    spec_digest: str
+    stage: str
+    optimizers: dict[str, dict[str, Any]]
+    data: DataPosition
+    stage_state: dict[str, Any] = {}
+    world_size: int = Field(1, ge=1)
+    ranks: list[dict[str, Any]] = []
+    tensors_sha256: str | None = None
+    """sha256 of tensors.safetensors (checkpoints written before it have none)."""
+
+
+def validate_state(path: Path, text: str) -> dict[str, Any]:
+    """The parsed ``state.json`` at `path`, or CheckpointError naming the first bad field."""
+    try:
+        CheckpointState.model_validate_json(text)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"])
+        if error["type"] == "json_invalid":
+            raise CheckpointError(f"{path}: not valid JSON ({error['msg']})") from None
+        raise CheckpointError(f"{path}: {where or 'state'}: {error['msg']}") from None
+    return json.loads(text)
 
 
 # -- flat tensor dicts ------------------------------------------------------------------
@@ -99,10 +161,11 @@ def save_checkpoint(
     """Write ``directory/step-XXXXXXXX`` atomically, point ``latest`` at it, prune old ones."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}-", dir=directory))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{step:08d}-", dir=directory))
     try:
         save_file(flatten(tensors), str(tmp / TENSORS))
-        (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=1))
+        digest = file_sha256(tmp / TENSORS)
+        (tmp / STATE).write_text(json.dumps({**state, "step": step, "tensors_sha256": digest}, indent=1))
         for f in (tmp / TENSORS, tmp / STATE):
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -112,17 +175,29 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_atomic(directory / "latest", final.name)
+    write_atomic(directory / "latest", final.name)
     for old in sorted(directory.glob("step-*"))[:-keep_last]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def remove_partial_saves(directory: Path) -> list[Path]:
+    """Delete what killed saves left in a checkpoint folder: hidden ``.step-*`` folders and
+    temporary files. Only while no one else can be saving there (the run lock is held)."""
+    removed = remove_leftovers(directory)
+    for partial in directory.glob(f"{PARTIAL_PREFIX}*") if directory.is_dir() else ():
+        shutil.rmtree(partial, ignore_errors=True)
+        removed.append(partial)
+    return removed
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
@@ -137,25 +212,85 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """(tensor groups, state) of a checkpoint folder; CheckpointError if missing or corrupt."""
+    """(tensor groups, state) of a checkpoint folder; CheckpointError naming the file (and
+    field) if it is missing, corrupt or its metadata is incomplete."""
     path = Path(path)
-    if not (path / TENSORS).is_file() or not (path / STATE).is_file():
-        raise CheckpointError(f"{path}: not a checkpoint (expected {TENSORS} and {STATE} inside)")
+    missing = [name for name in (TENSORS, STATE) if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{path}: not a checkpoint ({missing[0]} is missing)")
+    try:
+        text = (path / STATE).read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path / STATE}: unreadable ({_first_line(exc)})") from None
+    state = validate_state(path / STATE, text)
+    if state.get("tensors_sha256") and file_sha256(path / TENSORS) != state["tensors_sha256"]:
+        raise CheckpointError(f"{path / TENSORS}: its bytes do not match the sha256 in {STATE} (damaged)")
     try:
         flat = load_file(str(path / TENSORS))
-        state = json.loads((path / STATE).read_text())
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"{path}: checkpoint is corrupt ({str(exc).splitlines()[0]}); delete it to fall back to an older one"
-        ) from None
+        raise CheckpointError(f"{path / TENSORS}: checkpoint is corrupt ({_first_line(exc)})") from None
     return unflatten(flat), state
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def load_latest_checkpoint(
+    directory: Path, set_aside_damaged: bool = False,
+) -> tuple[Path, dict[str, dict[str, torch.Tensor]], dict[str, Any]] | None:
+    """(path, tensor groups, state) of the newest checkpoint in `directory` that loads; None
+    when there is none.
+
+    A damaged newer one is skipped with a warning; `set_aside_damaged` (for the holder of
+    the run lock, about to write) also renames it ``damaged-step-*`` so that no later save
+    or resume trips over it again. When every checkpoint is damaged, the newest one's
+    CheckpointError is raised.
+    """
+    candidates = sorted(directory.glob("step-*"), reverse=True) if directory.is_dir() else []
+    damaged: list[tuple[Path, CheckpointError]] = []
+    for path in candidates:
+        try:
+            tensors, state = load_checkpoint(path)
+        except CheckpointError as exc:
+            damaged.append((path, exc))
+            continue
+        for bad, exc in damaged:
+            note = ""
+            if set_aside_damaged:
+                aside = _set_aside(bad)
+                note = f" (moved to {aside.name})" if aside else ""
+            log.warning("%s; using the older %s instead%s", exc, path.name, note)
+        return path, tensors, state
+    if damaged:
+        older = "no older checkpoint loads either" if len(damaged) > 1 else "there is no older checkpoint"
+        raise CheckpointError(f"{damaged[0][1]}; {older}: move {directory} away to train this stage "
+                              "from the start") from None
+    return None
+
+
+def _set_aside(path: Path) -> Path | None:
+    for n in range(1, 1000):
+        aside = path.with_name(f"{DAMAGED_PREFIX}{path.name}" + (f"-{n}" if n > 1 else ""))
+        if not aside.exists():
+            try:
+                os.replace(path, aside)
+                return aside
+            except OSError:
+                return None
+    return None
 
 
 def save_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """One module's weights as a standalone safetensors file, written atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    tmp = temp_path(path)
+    try:
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp),
+                  metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:

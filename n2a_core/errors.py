@@ -26,6 +26,10 @@ class CheckpointError(N2AError):
     """A checkpoint that is missing, corrupt or belongs to a different spec."""
 
 
+class RunLockedError(N2AError):
+    """A run folder another process is training in."""
+
+
 class DataError(N2AError):
     """A data source that is missing, empty or lacks a requested column."""
 

@@ -4,6 +4,10 @@ Every image has its own seed and generator, so it does not depend on the batch i
 drawn in. Each PNG carries its seed, condition, sampler, steps, guidance and the run's
 spec hash in a text chunk, repeated as one line of `samples.jsonl`.
 
+`SampleWriter` writes each image and its record as soon as its batch is decoded (the
+grid last), so whatever fails later, computed images are on disk. It never overwrites:
+several `n2a sample` calls may write into one folder at once.
+
 `generate` also takes the creative options, which the core's `Sampler` gives every sampler:
 an init image and `strength` (image-to-image), a `mask` (inpainting), `Between` seeds and
 conditions (interpolation) and a `negative` condition. Images enter through the data
@@ -14,6 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image, features
 from PIL.PngImagePlugin import PngInfo
 
-from n2a_core.checkpoint import latest_checkpoint, load_autoencoder_weights, load_checkpoint
+from n2a_core.checkpoint import load_autoencoder_weights, load_latest_checkpoint
 from n2a_core.conditioner import Conditioner, check_labels
 from n2a_core.device import resolve_device
 from n2a_core.diffusion_model import DiffusionModel
@@ -30,6 +37,7 @@ from n2a_core.errors import CheckpointError, DataError, SpecError
 from n2a_core.images import image_to_tensor, make_grid_image, open_image, tensor_to_image, to_rgb
 from n2a_core.pipeline import Pipeline, RunDir, build_pipeline
 from n2a_core.plugins import get_registry
+from n2a_core.safe_files import FileLock, new_folder, open_new
 from n2a_core.sampler import NoiseBetween, Sampler
 from n2a_core.specs import RunSpecBase, resolve_run_spec
 
@@ -58,14 +66,17 @@ def load_run(root: Path, *, device: str = "auto", ema: bool = True) -> LoadedRun
     weights = Path(spec.autoencoder_weights) if spec.autoencoder_weights else run.autoencoder_weights
     weights = RunDir(weights).autoencoder_weights if weights.is_dir() else weights
     load_autoencoder_weights(pipeline.autoencoder, weights)
-    checkpoint = latest_checkpoint(run.diffusion / "checkpoints")
-    if checkpoint is None:
+    found = load_latest_checkpoint(run.diffusion / "checkpoints")  # skips a damaged newest one, with a warning
+    if found is None:
         raise CheckpointError(f"{root}: stage 2 has no checkpoint yet; train it with `n2a train --out {root} --resume`")
-    tensors, state = load_checkpoint(checkpoint)
+    checkpoint, tensors, state = found
     model = DiffusionModel(pipeline.denoiser, pipeline.conditioner)
-    weights_group = tensors["stage.ema"] if ema else tensors["module.model"]
+    group = "stage.ema" if ema else "module.model"
+    if group not in tensors:
+        raise CheckpointError(f"{checkpoint}: holds no {group} weights; is it a stage 2 checkpoint?"
+                              + (" Try --no-ema" if ema and "module.model" in tensors else ""))
     try:
-        model.load_state_dict(weights_group)
+        model.load_state_dict(tensors[group])
     except RuntimeError as exc:
         raise CheckpointError(f"{checkpoint}: weights do not fit the run's spec ({str(exc).splitlines()[0]})") from None
     for module in (pipeline.autoencoder, model, pipeline.conditioner):
@@ -114,7 +125,8 @@ ImageInput = str | os.PathLike | Image.Image | torch.Tensor
 def generate(loaded: LoadedRun, conditions: list[str | Between], seeds: list[int | Between], *,
              guidance: float = 0.0, sampler_spec=None, steps: int | None = None, batch_size: int = 16,
              progress=None, negative: str | None = None, init_image: ImageInput | None = None,
-             strength: float = 1.0, mask: ImageInput | None = None) -> torch.Tensor:
+             strength: float = 1.0, mask: ImageInput | None = None,
+             on_images: Callable[[torch.Tensor, int], None] | None = None) -> torch.Tensor:
     """Images (N x 3 x H x W in [-1, 1]) for one condition and seed each ('' = unconditional).
 
     negative:   a caption or label to steer away from: (1 + w) eps(z, c) - w eps(z, negative)
@@ -124,6 +136,8 @@ def generate(loaded: LoadedRun, conditions: list[str | Between], seeds: list[int
     mask:       inpainting: an image the init image's size, white where to repaint and
                 black where to keep the init image;
     Between(a, b, u) in `seeds` or `conditions`: a frame of an interpolation.
+    `on_images(images, start)` receives each batch as soon as it is decoded (a
+    SampleWriter, so that the images are on disk whatever happens next).
     """
     if len(conditions) != len(seeds):
         raise ValueError(f"{len(conditions)} conditions for {len(seeds)} seeds")
@@ -133,48 +147,64 @@ def generate(loaded: LoadedRun, conditions: list[str | Between], seeds: list[int
         raise SpecError("sampler: the run has no sampler; pass --sampler (see `n2a list-plugins --kind sampler`)")
     if p.denoiser.prediction_type not in sampler.supported_predictions:
         raise SpecError(f"--sampler: does not support {p.denoiser.prediction_type!r} prediction")
-    image_size = loaded.spec.data.image_size
-    size = image_size // p.autoencoder.downsample_factor
+    size = loaded.spec.data.image_size // p.autoencoder.downsample_factor
     shape = (p.autoencoder.latent_channels, size, size)
+    creative = _image_options(loaded, init_image, strength, mask)
     if negative and loaded.conditioner is None:
         raise SpecError(f"{loaded.run.root}: this run was trained without a conditioner; drop the negative condition")
-    if strength != 1 and init_image is None:
-        raise SpecError("strength: image-to-image needs an init image (--init-image)")
-    init, repaint = None, None
-    if init_image is not None:
-        image, canvas = load_init_image(init_image, image_size)
-        init = p.autoencoder.encode(image[None].to(loaded.device)).float()
-        if mask is not None:
-            repaint = latent_mask(load_mask(mask, image_size, canvas), p.autoencoder.downsample_factor)
-    elif mask is not None:
-        raise SpecError("mask: inpainting needs the image to keep outside the mask (--init-image)")
-    creative = {key: value for key, value in (("init", init if strength < 1 or repaint is not None else None),
-                                              ("strength", strength if strength < 1 else None), ("mask", repaint))
-                if value is not None}
     if (creative or negative) and type(sampler).sample is not Sampler.sample:
         raise SpecError(f"sampler: {type(sampler).__name__} overrides sample() instead of implementing the core's "
                         "solve(chain), so it cannot do image-to-image, inpainting or negative conditions")
     out = []
     for start in range(0, len(seeds), batch_size):
-        chunk_conditions = conditions[start:start + batch_size]
         chunk_seeds = seeds[start:start + batch_size]
-        cond, missing = _embed(loaded.model, chunk_conditions)
-        negative_cond = _embed(loaded.model, [negative] * len(chunk_seeds))[0] if negative else None
-        use_guidance = guidance
-        if cond is not None:
-            cond = cond.to(loaded.device)
-            if bool(missing.all()):
-                cond, use_guidance = None, guidance if negative_cond is not None else 0.0
-            # Mixed batches: rows without a condition get guidance 0 via the null token.
+        cond, use_guidance, negative_cond = _guidance_inputs(loaded, conditions[start:start + batch_size], guidance,
+                                                             negative)
         if negative_cond is not None:
-            creative["negative"] = negative_cond.to(loaded.device)
+            creative["negative"] = negative_cond
         z = sampler.sample(loaded.model.denoiser, p.schedule, (len(chunk_seeds), *shape), cond=cond,
                            guidance=use_guidance, steps=steps, generator=[_generator(s) for s in chunk_seeds],
                            **creative)
         out.append(p.autoencoder.decode(z.to(loaded.device)).clamp(-1, 1).float().cpu())
+        if on_images:
+            on_images(out[-1], start)
         if progress:
             progress(min(start + batch_size, len(seeds)), len(seeds))
     return torch.cat(out)
+
+
+def _image_options(loaded: LoadedRun, init_image: ImageInput | None, strength: float,
+                   mask: ImageInput | None) -> dict:
+    """The sampler's init/strength/mask keywords, only those in use (plain sampling passes none)."""
+    if strength != 1 and init_image is None:
+        raise SpecError("strength: image-to-image needs an init image (--init-image)")
+    if init_image is None:
+        if mask is not None:
+            raise SpecError("mask: inpainting needs the image to keep outside the mask (--init-image)")
+        return {}
+    autoencoder, image_size = loaded.pipeline.autoencoder, loaded.spec.data.image_size
+    image, canvas = load_init_image(init_image, image_size)
+    options = {}
+    if mask is not None:
+        options["mask"] = latent_mask(load_mask(mask, image_size, canvas), autoencoder.downsample_factor)
+    if strength < 1:
+        options["strength"] = strength
+    if options:
+        options["init"] = autoencoder.encode(image[None].to(loaded.device)).float()
+    return options
+
+
+def _guidance_inputs(loaded: LoadedRun, conditions: list[str | Between], guidance: float, negative: str | None):
+    """(cond, guidance, negative embeddings) for a batch: no guidance for a batch without
+    conditions unless it steers away from a negative one."""
+    cond, missing = _embed(loaded.model, conditions)
+    negative_cond = _embed(loaded.model, [negative] * len(conditions))[0] if negative else None
+    if negative_cond is not None:
+        negative_cond = negative_cond.to(loaded.device)
+    if cond is None or bool(missing.all()):
+        return None, guidance if negative_cond is not None else 0.0, negative_cond
+    # Mixed batches: rows without a condition get guidance 0 via the null token.
+    return cond.to(loaded.device), guidance, negative_cond
 
 
 def _generator(seed: int | Between) -> torch.Generator | NoiseBetween:
@@ -244,28 +274,102 @@ def _open(source: str | os.PathLike | Image.Image, what: str) -> Image.Image:
     return image
 
 
-def write_samples(images: torch.Tensor, records: list[dict], out_dir: Path, nrow: int | None = None) -> Path:
-    """PNG per image with its metadata in a text chunk, samples.jsonl, and grid.png."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "samples.jsonl", "a") as log:
-        for image, record in zip(images, records, strict=True):
-            info = PngInfo()
-            info.add_text("n2a", json.dumps(record))
-            name = f"{record['index']:04d}-seed{record['seed']}.png"
-            tensor_to_image(image).save(out_dir / name, pnginfo=info)
-            log.write(json.dumps({"file": name, **record}) + "\n")
-    grid = out_dir / "grid.png"
-    captions = [f"u = {r['u']:.2f}" if "u" in r else r.get("condition") or f"seed {r['seed']}" for r in records]
-    make_grid_image(images, nrow=nrow, captions=captions).save(grid)
-    return grid
+def new_samples_folder(parent: Path) -> Path:
+    """A fresh folder under `parent`, named for the time, that no other call gets."""
+    return new_folder(parent, time.strftime("%Y%m%d-%H%M%S"))
+
+
+class SampleWriter:
+    """Writes samples into `out_dir` as they come, never over an existing file.
+
+    Each image becomes `NNNN-seedS.png` (its record in a PNG text chunk) and, once that file
+    is complete, one line of `samples.jsonl` naming it. NNNN continues after the highest
+    number already in the folder, so writers that share a folder (one after another, or at
+    once: they take turns under a lock on samples.jsonl) never reuse a name.
+    """
+
+    _NUMBERED = re.compile(r"^(\d+)-.*\.png$")
+
+    def __init__(self, out_dir: Path, records: list[dict]):
+        self.out_dir, self.records = Path(out_dir), records
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.log_file = self.out_dir / "samples.jsonl"
+        self.files: list[str] = []
+
+    def __call__(self, images: torch.Tensor, start: int = 0) -> None:
+        """Write `images`, the records from `start` on."""
+        with FileLock(self.log_file):
+            for image, record in zip(images, self.records[start:start + len(images)], strict=True):
+                name = self._write_png(image, record)
+                with open(self.log_file, "a", encoding="utf-8") as log:
+                    log.write(json.dumps({"file": name, **record}, ensure_ascii=False) + "\n")
+                self.files.append(name)
+
+    def _next_number(self) -> int:
+        numbers = [int(m.group(1)) for p in self.out_dir.iterdir() if (m := self._NUMBERED.match(p.name))]
+        return max(numbers, default=-1) + 1
+
+    def _write_png(self, image: torch.Tensor, record: dict) -> str:
+        info = PngInfo()
+        info.add_text("n2a", json.dumps(record))
+        number = self._next_number()
+        while True:  # another program may add files while we hold the lock: skip their names
+            name = f"{number:04d}-seed{record['seed']}.png"
+            try:
+                fh = open_new(self.out_dir / name)
+                break
+            except FileExistsError:
+                number += 1
+        try:
+            with fh:
+                tensor_to_image(image).save(fh, format="PNG", pnginfo=info)
+        except BaseException:
+            (self.out_dir / name).unlink(missing_ok=True)
+            raise
+        return name
+
+    def write_grid(self, images: torch.Tensor, nrow: int | None = None) -> Path:
+        """The contact sheet of `images` as grid.png (grid-2.png, ... if taken)."""
+        captions = [f"u = {r['u']:.2f}" if "u" in r else r.get("condition") or f"seed {r['seed']}"
+                    for r in self.records]
+        sheet = make_grid_image(images, nrow=nrow, captions=captions)
+        for n in range(1, 1_000_000):
+            path = self.out_dir / ("grid.png" if n == 1 else f"grid-{n}.png")
+            try:
+                fh = open_new(path)
+            except FileExistsError:
+                continue
+            try:
+                with fh:
+                    sheet.save(fh, format="PNG")
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+            return path
+        raise SpecError(f"{self.out_dir}: no free grid-N.png name; clean up the folder")
 
 
 def write_animation(images: torch.Tensor, out_dir: Path, name: str = "interpolation",
                     frame_ms: int = 125) -> list[Path]:
-    """The images as a looping animated GIF and, where Pillow has WebP, a lossless animated WebP."""
+    """The images as a looping animated GIF and, where Pillow has WebP, a lossless animated WebP
+    (NAME.gif, or NAME-2.gif, ... if taken: never over an existing file)."""
     frames = [tensor_to_image(image) for image in images]
-    paths = [out_dir / f"{name}.gif"] + ([out_dir / f"{name}.webp"] if features.check("webp") else [])
-    for path in paths:
-        extra = {"lossless": True} if path.suffix == ".webp" else {}
-        frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0, **extra)
+    paths = []
+    for suffix in [".gif"] + ([".webp"] if features.check("webp") else []):
+        extra = {"lossless": True} if suffix == ".webp" else {}
+        for n in range(1, 1_000_000):
+            path = out_dir / (f"{name}{suffix}" if n == 1 else f"{name}-{n}{suffix}")
+            try:
+                fh = open_new(path)
+            except FileExistsError:
+                continue
+            try:
+                with fh:
+                    frames[0].save(fh, format=suffix[1:].upper(), save_all=True, append_images=frames[1:],
+                                   duration=frame_ms, loop=0, **extra)
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+            paths.append(path)
+            break
     return paths

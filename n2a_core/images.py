@@ -105,11 +105,32 @@ def _caption_font(height: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
-    if draw.textlength(text, font=font) <= width:
+    """`text` on one line (newlines and tabs become spaces) cut with '…' to fit `width`.
+
+    A font that cannot measure a character (the bitmap fallback knows Latin-1 only) gets
+    the text with such characters as '?'."""
+    text = " ".join(str(text).split())[:1000]  # no caption cell is wider than 1000 characters
+
+    def length(t: str) -> float:
+        return draw.textlength(t, font=font)
+
+    try:
+        length(text + "…")
+    except (UnicodeError, ValueError, OSError):
+        text = text.encode("latin-1", "replace").decode("latin-1").replace("…", "...")
+        ellipsis = "..."
+    else:
+        ellipsis = "…"
+    if length(text) <= width:
         return text
-    while text and draw.textlength(text + "…", font=font) > width:
-        text = text[:-1]
-    return text + "…"
+    low, high = 0, len(text)  # the longest prefix that fits with the ellipsis: binary search
+    while low < high:
+        mid = (low + high + 1) // 2
+        if length(text[:mid] + ellipsis) <= width:
+            low = mid
+        else:
+            high = mid - 1
+    return text[:low] + ellipsis
 
 
 def make_grid_image(

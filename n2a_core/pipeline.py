@@ -20,6 +20,7 @@ from n2a_core.conditioner import Conditioner
 from n2a_core.denoiser import Conditioning, Denoiser
 from n2a_core.errors import SpecError
 from n2a_core.plugins import Registry, get_registry
+from n2a_core.safe_files import write_atomic
 from n2a_core.sampler import Sampler
 from n2a_core.schedule import NoiseSchedule
 from n2a_core.specs import RunSpecBase
@@ -117,7 +118,7 @@ class RunDir:
 
     def write_spec(self, spec: RunSpecBase) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+        write_atomic(self.spec_file, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
 
     def read_spec_data(self) -> dict:
         if not self.spec_file.is_file():
@@ -126,7 +127,7 @@ class RunDir:
 
     def write_labels(self, labels: list[str] | None) -> None:
         if labels is not None:
-            self.labels_file.write_text(json.dumps(labels, indent=1))
+            write_atomic(self.labels_file, json.dumps(labels, indent=1))
 
     def read_labels(self) -> list[str] | None:
         return json.loads(self.labels_file.read_text()) if self.labels_file.is_file() else None

@@ -16,7 +16,6 @@ Environment switches (llm/datasette style):
 
 from __future__ import annotations
 
-import functools
 import importlib.metadata
 import inspect
 import os
@@ -74,6 +73,8 @@ class Registry:
         default_factory=lambda: {kind: {} for kind in KINDS}
     )
     plugins: dict[str, PluginStatus] = field(default_factory=dict)
+    _adapters: dict[str, TypeAdapter] = field(default_factory=dict, init=False, repr=False, compare=False)
+    """One validator per kind, built on first use and dropped when a plugin (un)registers."""
 
     # -- registration -------------------------------------------------------------
     def register(
@@ -108,14 +109,14 @@ class Registry:
             description = (inspect.getdoc(factory) or "").strip().splitlines()[0:1]
             description = description[0] if description else ""
         self.components[kind][name] = Component(kind, name, spec, factory, description, source)
-        self._adapter.cache_clear()
+        self._adapters.clear()
 
     def forget_plugin(self, plugin_name: str) -> None:
         """Remove every component a plugin registered (used when its hook fails midway)."""
         for kind in self.components:
             for name in [n for n, c in self.components[kind].items() if c.source.name == plugin_name]:
                 del self.components[kind][name]
-        self._adapter.cache_clear()
+        self._adapters.clear()
 
     # -- lookup -------------------------------------------------------------------
     def names(self, kind: str) -> list[str]:
@@ -136,9 +137,10 @@ class Registry:
         return [self.components[k][n] for k in kinds for n in self.names(k)]
 
     # -- specs --------------------------------------------------------------------
-    @functools.cache
     def _adapter(self, kind: str) -> TypeAdapter:
-        return TypeAdapter(self.spec_type(kind))
+        if kind not in self._adapters:
+            self._adapters[kind] = TypeAdapter(self.spec_type(kind))
+        return self._adapters[kind]
 
     def spec_type(self, kind: str) -> Any:
         """The discriminated union of every registered spec of `kind` (open to plugins)."""
@@ -166,7 +168,7 @@ class Registry:
         component = self.get(kind, spec.type)
         return component.factory(spec, context or BuildContext())
 
-    def __hash__(self) -> int:  # functools.cache on methods needs a hashable self
+    def __hash__(self) -> int:  # specs caches the run-spec model per registry
         return id(self)
 
 

@@ -21,18 +21,16 @@ with the built-in samplers, without a line more.
 
 from __future__ import annotations
 
-from abc import ABC
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import Field
 
+from n2a_core.component import ComponentSpec
 from n2a_core.denoiser import Denoiser, PredictionType
 from n2a_core.errors import SpecError
 from n2a_core.schedule import NoiseSchedule
-from n2a_core.component import ComponentSpec
 
 StepCallback = Callable[[int, int], None]
 """callback(done, total): called after each denoiser step, done = 1..total."""
@@ -82,7 +80,7 @@ class SamplerSpec(ComponentSpec):
     predictions give z0 stably at any SNR and always start at T-1."""
 
 
-class Sampler(ABC):
+class Sampler:
     """Turns Gaussian noise (or a noised init image) into latents with a denoiser and a schedule.
 
     sample(denoiser, schedule, shape, cond, guidance, steps, generator, callback,

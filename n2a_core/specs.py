@@ -14,7 +14,7 @@ import hashlib
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, create_model, model_validator
@@ -24,7 +24,6 @@ from n2a_core.errors import SpecError
 from n2a_core.kinds import KINDS
 from n2a_core.plugins import Registry, get_registry
 from n2a_core.spec_errors import format_validation_error
-
 
 # -- training sections -------------------------------------------------------------------
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -110,6 +109,9 @@ class RunSpecBase(N2ASpec):
     trains in this run). Its spec must match the `autoencoder` section."""
     autoencoder_training: AutoencoderTrainingSpec = Field(default_factory=AutoencoderTrainingSpec)
     training: DiffusionTrainingSpec = Field(default_factory=DiffusionTrainingSpec)
+
+    if TYPE_CHECKING:  # type checkers cannot see the fields run_spec_model adds (one per kind)
+        def __getattr__(self, name: str) -> Any: ...
 
     def component(self, kind: str) -> ComponentSpec | None:
         return getattr(self, kind)

@@ -5,16 +5,17 @@ bf16 autocast, channels_last on the CPU). No timing is asserted anywhere."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` lives at the repo root
-
 from benchmarks import common
 from benchmarks.common import TINY, Timing, check_matched, interleave, speedup
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # diffusers is the baseline of every ratio; it is in the `dev` extra, so CI runs these.
 # The skip only spares a contributor who installed n2a without it.
@@ -90,7 +91,8 @@ def test_channels_last_path_keeps_values_and_the_callers_layout(monkeypatch):
     model = tiny_unet(cond_mode="sequence", cond_dim=6).eval()
     z, t, cond = torch.randn(3, 4, 8, 8), torch.tensor([1.0, 500.0, 999.0]), torch.randn(3, 2, 6)
     seen = []
-    model.conv_in.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+    model.conv_in.register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last)))
     with torch.no_grad():
         out = model(z, t, cond)
         assert out.is_contiguous()  # given NCHW, returned NCHW
@@ -140,7 +142,8 @@ def test_bf16_autocast_training_step_tracks_float32():
 @needs_diffusers
 def test_r64_parameter_counts_match():
     r64 = common.R64
-    assert common.parameter_count(common.n2a_unet(r64)) == common.parameter_count(common.diffusers_unet(r64)) == 6_804_868
+    n2a_count, diffusers_count = (common.parameter_count(m) for m in (common.n2a_unet(r64), common.diffusers_unet(r64)))
+    assert n2a_count == diffusers_count == 6_804_868
     n, d = (common.parameter_count(m) for m in (common.n2a_unet(r64, True), common.diffusers_unet(r64, True)))
     check_matched("conditional UNet", n, d, 0.05)
     vqgan = common.n2a_vqgan(r64)
@@ -161,6 +164,7 @@ def test_converted_weights_make_the_same_network():
 
 
 # -- every benchmark through the entry point -------------------------------------------------
+@pytest.mark.slow
 @needs_diffusers
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 vs diffusers' DPM-Solver scheduler
 def test_run_quick_tiny_prints_a_table_then_the_json_line(monkeypatch, capsys):
@@ -195,3 +199,14 @@ def test_loss_curve_runs_both_precisions_from_the_same_start():  # n2a only: no 
     assert len(curves["fp32"]) == len(curves["bf16"]) == 4
     assert metrics["loss_first_bf16"] == pytest.approx(metrics["loss_first_fp32"], rel=2e-2)
     assert abs(metrics["loss_final_gap"]) < 0.05
+
+
+# -- how they are run ------------------------------------------------------------------------
+def test_benchmarks_run_as_modules_without_a_path_shim():
+    """`python -m benchmarks.x` from the repository root; no script edits sys.path to get there."""
+    shims = [p.name for p in (ROOT / "benchmarks").glob("*.py") if "sys.path" in p.read_text()]
+    assert shims == []
+    done = subprocess.run([sys.executable, "-m", "benchmarks.run", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "--quick" in done.stdout

@@ -30,11 +30,11 @@ from test_samplers import SCHEDULES, GaussianOracle, ToyConditional
 
 import n2a_core.sampler as sampler_core
 from n2a_core import Autoencoder, Denoiser
+from n2a_core.diffusion_model import DiffusionModel
 from n2a_core.errors import DataError, SpecError
 from n2a_core.generate import Between, LoadedRun, generate, interpolation, write_animation
 from n2a_core.pipeline import Pipeline
 from n2a_core.sampler import NoiseBetween, generators_for_seeds, guided_prediction, sampling_timesteps, slerp
-from n2a_core.diffusion_model import DiffusionModel
 from n2a_plugins.conditioners.class_label import ClassLabelConditioner
 from n2a_plugins.samplers import DDIMSampler, DDPMSampler, DPMSolverPP2MSampler
 from n2a_plugins.unet import UNet
@@ -361,8 +361,8 @@ def test_bad_images_are_one_line_errors_naming_the_file(tmp_path):
 
 
 def test_any_size_init_image_goes_through_the_data_transform(tmp_path):
-    from n2a_core.images import image_to_tensor
     from n2a_core.generate import load_init_image
+    from n2a_core.images import image_to_tensor
 
     Image.new("RGB", (50, 20), (200, 30, 30)).save(tmp_path / "wide.png")
     tensor, canvas = load_init_image(tmp_path / "wide.png", 16)

@@ -12,11 +12,16 @@ import torch
 from PIL import Image
 
 from n2a_core.data_source import DataSource, DataSourceSpec, Record, Sample
+from n2a_core.errors import DataError
 from n2a_core.images import image_to_tensor, make_grid_image, open_image, tensor_to_image
 from n2a_core.training.batching import (
-    LabelVocabulary, StreamingSampleDataset, collate_samples, make_splits, report_skipped, split_of,
+    LabelVocabulary,
+    StreamingSampleDataset,
+    collate_samples,
+    make_splits,
+    report_skipped,
+    split_of,
 )
-from n2a_core.errors import DataError
 
 Q = 1 / 127.5  # one 8-bit step in [-1, 1]
 

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from n2a_core import BuildContext, get_registry
-from n2a_core.training.batching import make_splits, report_skipped
 from n2a_core.errors import DataError, SpecError
+from n2a_core.training.batching import make_splits, report_skipped
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -24,13 +24,13 @@ import torch.multiprocessing as mp
 from torch import nn
 from typer.testing import CliRunner
 
-from n2a_core.training import distributed
 from n2a_core.checkpoint import latest_checkpoint, load_checkpoint
-from n2a_core.training.distributed import SINGLE, Dist, DistributedError, local_batch, rank_seed
 from n2a_core.errors import CheckpointError, SpecError
-from n2a_core.training.batching import BatchStream, RankBlocks
-from n2a_core.training.loop import Stage, TrainingLoop, adamw
 from n2a_core.specs import DiffusionTrainingSpec, OptimSpec
+from n2a_core.training import distributed
+from n2a_core.training.batching import BatchStream, RankBlocks
+from n2a_core.training.distributed import SINGLE, Dist, DistributedError, local_batch, rank_seed
+from n2a_core.training.loop import Stage, TrainingLoop, adamw
 
 CPU = torch.device("cpu")
 # Gloo binds the interface named here; without it, the one the hostname resolves to.
@@ -270,6 +270,7 @@ def per_step(seen_by_rank: list[list[list[int]]]) -> list[set[int]]:
     return [set().union(*step) for step in zip(*seen_by_rank, strict=True)]
 
 
+@pytest.mark.slow
 def test_two_processes_step_like_one_process_with_the_whole_batch(job):
     one, two = job["one"], job["two"]
     assert_close(two[0]["straight"]["weights"], two[1]["straight"]["weights"], atol=0)  # replicas agree exactly
@@ -279,6 +280,7 @@ def test_two_processes_step_like_one_process_with_the_whole_batch(job):
     assert all(len(s) == 4 for r in two for s in r["straight"]["seen"])  # 8 = 2 processes x 4
 
 
+@pytest.mark.slow
 def test_gradients_average_like_ddp(job):
     for rank in job["two"]:
         got = rank["average"]
@@ -287,6 +289,7 @@ def test_gradients_average_like_ddp(job):
         assert got["c"] is None  # missing everywhere stays missing: the optimizer skips it
 
 
+@pytest.mark.slow
 def test_latent_cache_is_built_in_slices_and_joined_in_order(job):
     for rank in job["two"]:
         cache = rank["cache"]
@@ -295,6 +298,7 @@ def test_latent_cache_is_built_in_slices_and_joined_in_order(job):
         assert cache["files"] == ["latents-key.json", "latents-key.safetensors"]  # the slices are gone
 
 
+@pytest.mark.slow
 def test_each_sample_once_per_epoch_across_ranks(job):
     ranks = [r["straight"]["seen"] for r in job["two"]]
     steps = per_step(ranks)
@@ -305,6 +309,7 @@ def test_each_sample_once_per_epoch_across_ranks(job):
     assert steps[:4] != steps[4:]  # a new order each epoch
 
 
+@pytest.mark.slow
 def test_ddp_diffusion_stage_matches_one_process(job):
     """UNet + class embedding under DDP (2 x 4 samples) equals one process accumulating the
     same two micro-batches; rank 0 alone keeps the EMA."""
@@ -318,6 +323,7 @@ def test_ddp_diffusion_stage_matches_one_process(job):
     assert "conditioner.embedding.weight" in moved and len(moved) > len(initial) // 2
 
 
+@pytest.mark.slow
 def test_checkpoint_from_two_processes_resumes_on_one(job):
     one = job["one"]
     state = load_checkpoint(latest_checkpoint(job["tmp"] / "w2-part" / "checkpoints"))[1]
@@ -328,6 +334,7 @@ def test_checkpoint_from_two_processes_resumes_on_one(job):
     assert_close(resumed["weights"], one["straight"]["weights"])
 
 
+@pytest.mark.slow
 def test_checkpoint_from_one_process_resumes_on_two(job):
     one, two = job["one"], job["two"]
     assert all(r["from_one"]["start"] == 3 for r in two)
@@ -335,6 +342,7 @@ def test_checkpoint_from_one_process_resumes_on_two(job):
     assert_close(two[0]["from_one"]["weights"], one["straight"]["weights"])
 
 
+@pytest.mark.slow
 def test_resume_on_the_same_processes_is_exact(job):
     """Dropout and noise differ per rank; each rank's streams are saved, so stopping at step 3
     and resuming on two processes gives bit-identical weights."""
@@ -347,6 +355,7 @@ def test_resume_on_the_same_processes_is_exact(job):
     assert not torch.equal(tensors["rank0"]["rng.torch"], tensors["rank1"]["rng.torch"])
 
 
+@pytest.mark.slow
 def test_only_rank_zero_writes(job):
     lines = (job["tmp"] / "w2-straight" / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
@@ -552,6 +561,7 @@ def _failing_worker(rank: int, port: int, mode: str, timeout_s: float, out: str)
         sys.exit(1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, timeout_s, bound_s", [("die", 60, 30), ("hang", 3, 30)])
 def test_a_failed_peer_ends_the_job_with_one_clear_error(tmp_path, mode, timeout_s, bound_s):
     ctx = mp.get_context("spawn")
@@ -579,6 +589,7 @@ def test_a_failed_peer_ends_the_job_with_one_clear_error(tmp_path, mode, timeout
 
 
 # -- the real command under torchrun --------------------------------------------------------------
+@pytest.mark.slow
 def test_torchrun_trains_and_the_run_samples_and_resumes_on_one_process(tmp_path):
     from test_end_to_end import sets
 

@@ -100,6 +100,7 @@ def test_existing_run_is_not_overwritten(caption_run):
     assert (caption_run / "spec.yaml").read_text() == before
 
 
+@pytest.mark.slow
 def test_resumed_pipeline_matches_uninterrupted(tmp_path):
     """Stage 2 stopped at step 2 and resumed to 4 equals a run that went to 4 directly."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"

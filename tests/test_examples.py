@@ -21,10 +21,16 @@ def spec_files():
 
 
 def test_presets_are_the_quickstart_and_the_examples():
-    """From a source checkout `--preset` offers the paper setups too; the built-in wins a tie."""
+    """`--preset` offers the paper setups from the package itself, so a wheel has them too."""
     assert preset_names() == sorted({"quickstart", *(p.stem for p in EXAMPLES)})
-    assert preset_path("wikiart-style") == ROOT / "examples" / "wikiart-style.yaml"
+    assert preset_path("wikiart-style") == ROOT / "n2a_core" / "presets" / "wikiart-style.yaml"
     assert preset_path("quickstart").parent.name == "presets"
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_each_example_is_its_packaged_preset(example):
+    """examples/ is for readers; the files the package ships must not drift from it."""
+    assert example.read_bytes() == preset_path(example.stem).read_bytes()
 
 
 def test_there_are_examples_for_the_papers_setups():

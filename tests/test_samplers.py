@@ -370,6 +370,7 @@ def test_only_epsilon_chains_start_at_the_floor(prediction_type):
     assert 940 < floor_t < 950  # log-SNR -5 sits near t = 946 of 1000 on the cosine schedule
 
 
+@pytest.mark.slow
 def test_a_trained_epsilon_model_samples_its_data_only_from_the_floor():
     """End to end on a learned model, where the oracle tests cannot see the failure: a tiny
     UNet memorises 4 latents (400 steps); from log-SNR -5 its samples land near them, from

@@ -126,7 +126,8 @@ def test_alpha_bar_continuous_meets_the_grid_and_is_one_at_zero(request, name):
 
 def test_cosine_continuous_is_the_closed_form(cosine):
     u = np.array([0.0, 0.013, 0.25, 0.5, 0.77, 0.99])
-    np.testing.assert_allclose(cosine.alpha_bar_continuous(torch.tensor(u)).numpy(), cosine_alpha_bar(u * T), rtol=1e-10)
+    np.testing.assert_allclose(cosine.alpha_bar_continuous(torch.tensor(u)).numpy(), cosine_alpha_bar(u * T),
+                               rtol=1e-10)
 
 
 class PlainSchedule(NoiseSchedule):
@@ -210,7 +211,7 @@ def test_add_noise_keeps_unit_variance_on_unit_data(request, name):
 def test_tables_are_cached_per_device(cosine):
     first = cosine.tables("cpu")
     again = cosine.tables(torch.device("cpu"))
-    assert again is first and all(x is y for x, y in zip(first, again))
+    assert again is first and all(x is y for x, y in zip(first, again, strict=True))
     alpha_bar, betas = first
     assert alpha_bar.dtype == betas.dtype == torch.float64
     assert torch.equal(alpha_bar, cosine.alphas_cumprod) and torch.equal(betas, cosine.betas)

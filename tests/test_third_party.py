@@ -106,7 +106,8 @@ def test_tau_changes_the_shape(registry):
 
 def test_the_sigmoid_spec_validates_in_the_run_spec(registry):
     spec = resolve_run_spec({}, plugins={"schedule": "sigmoid"}, overrides=["schedule.tau=0.7"], registry=registry)
-    assert (spec.schedule.type, spec.schedule.tau, spec.schedule.start, spec.schedule.end) == ("sigmoid", 0.7, -3.0, 3.0)
+    schedule = spec.schedule
+    assert (schedule.type, schedule.tau, schedule.start, schedule.end) == ("sigmoid", 0.7, -3.0, 3.0)
     for override, words in [("schedule.tau=0", "schedule.tau: Input should be greater than 0"),
                             ("schedule.end=-4", "schedule: Value error, end (-4.0) must be greater than start"),
                             ("schedule.tua=1", "schedule.tua: unknown key (did you mean 'tau'?)")]:
@@ -119,6 +120,7 @@ def run(*args, env=None, check=True):
     return subprocess.run(args, capture_output=True, text=True, env=env, check=check, timeout=300)
 
 
+@pytest.mark.slow
 def test_install_the_example_like_a_user_and_see_it_in_n2a(tmp_path):
     """pip-install the example into this environment, use it through `n2a`, uninstall it."""
     # --no-build-isolation builds with this environment's setuptools (no network needed).

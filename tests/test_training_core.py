@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from n2a_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from n2a_core.training.objective import EMA, diffusion_loss, draw_condition_drop, min_snr_weight, prediction_target
 from n2a_core.errors import CheckpointError
+from n2a_core.specs import DiffusionTrainingSpec, OptimSpec
 from n2a_core.training.batching import BatchStream
 from n2a_core.training.loop import Stage, TrainingLoop, adamw, lr_factor
-from n2a_core.specs import DiffusionTrainingSpec, OptimSpec
+from n2a_core.training.objective import EMA, diffusion_loss, draw_condition_drop, min_snr_weight, prediction_target
 from n2a_plugins.schedules import CosineSchedule, LinearSchedule
 
 
@@ -114,9 +114,14 @@ def test_keep_last_and_latest_pointer(tmp_path):
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step-00000015"
 
 
+def valid_state(**extra) -> dict:
+    """The least `state.json` that a checkpoint must hold (checkpoint.CheckpointState)."""
+    return {"spec_digest": "abc", "stage": "toy", "optimizers": {}, "data": {"epoch": 0, "samples": 0}, **extra}
+
+
 def test_crash_mid_write_keeps_previous_latest(tmp_path, monkeypatch):
     directory = tmp_path / "ck"
-    save_checkpoint(directory, 1, {"m": {"w": torch.ones(3)}}, {"x": 1})
+    save_checkpoint(directory, 1, {"m": {"w": torch.ones(3)}}, valid_state(x=1))
     import n2a_core.checkpoint as ck
 
     def broken(*args, **kwargs):
@@ -124,7 +129,7 @@ def test_crash_mid_write_keeps_previous_latest(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ck, "save_file", broken)
     with pytest.raises(OSError):
-        save_checkpoint(directory, 2, {"m": {"w": torch.zeros(3)}}, {"x": 2})
+        save_checkpoint(directory, 2, {"m": {"w": torch.zeros(3)}}, valid_state(x=2))
     latest = latest_checkpoint(directory)
     assert latest.name == "step-00000001"
     tensors, state = load_checkpoint(latest)
@@ -133,9 +138,9 @@ def test_crash_mid_write_keeps_previous_latest(tmp_path, monkeypatch):
 
 
 def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
-    path = save_checkpoint(tmp_path, 3, {"m": {"w": torch.ones(3)}}, {})
+    path = save_checkpoint(tmp_path, 3, {"m": {"w": torch.ones(3)}}, valid_state())
     (path / "tensors.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(CheckpointError, match="damaged"):
         load_checkpoint(path)
 
 
@@ -162,7 +167,8 @@ def test_add_noise_matches_closed_form():
     schedule = CosineSchedule()
     z0, eps = torch.randn(5, 4, 3, 3), torch.randn(5, 4, 3, 3)
     t = torch.tensor([0, 10, 500, 900, 999])
-    a = torch.cos(((t.double() + 1) / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2 / math.cos(0.008 / 1.008 * math.pi / 2) ** 2
+    f = torch.cos(((t.double() + 1) / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2
+    a = f / math.cos(0.008 / 1.008 * math.pi / 2) ** 2
     a = a.clamp(max=1).float().view(-1, 1, 1, 1)
     expected = a.sqrt() * z0 + (1 - a).sqrt() * eps
     # the last steps are affected by beta clipping; compare where it has not happened

@@ -13,7 +13,6 @@ from n2a_core import BuildContext, Conditioning, Denoiser, get_registry
 from n2a_core.errors import N2AError, SpecError
 from n2a_plugins.unet import UNet, timestep_embedding
 
-
 TINY = dict(base_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1],
             num_heads=2, norm_groups=8)
 
@@ -245,6 +244,7 @@ def test_registry_spec_errors_are_one_liners():
     assert issubclass(SpecError, N2AError)
 
 
+@pytest.mark.slow
 def test_tiny_unet_overfits_fixed_noise():
     """Memorising the noise of 4 fixed latents at a fixed t: MSE falls more than 5x."""
     model = tiny()

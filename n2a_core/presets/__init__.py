@@ -1,6 +1,8 @@
-"""Named run specs (`n2a train --preset NAME`): the built-in quickstart, plus the paper's
-setups in the repository's `examples/` when n2a runs from a source checkout (the README's
-`pip install -e .`); a wheel ships the quickstart alone."""
+"""Named run specs (`n2a train --preset NAME`): the quickstart and the paper's setups.
+
+They ship inside the package, so a wheel has them too; `examples/*.yaml` in the repository
+are links to these files, there for readers (tests/test_examples.py keeps the two the same).
+"""
 
 from __future__ import annotations
 
@@ -9,15 +11,11 @@ from pathlib import Path
 from n2a_core.errors import SpecError, did_you_mean
 
 PRESET_DIR = Path(__file__).parent
-EXAMPLES_DIR = PRESET_DIR.parents[1] / "examples"
 
 
 def _presets() -> dict[str, Path]:
-    """name -> file; a built-in preset wins over an example of the same name."""
-    found: dict[str, Path] = {}
-    for folder in (EXAMPLES_DIR, PRESET_DIR):
-        found.update({p.stem: p for p in folder.glob("*.yaml")} if folder.is_dir() else {})
-    return found
+    """name -> file."""
+    return {p.stem: p for p in PRESET_DIR.glob("*.yaml")}
 
 
 def preset_names() -> list[str]:

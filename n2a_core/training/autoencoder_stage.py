@@ -27,8 +27,8 @@ from torch import nn
 from n2a_core.autoencoder import Autoencoder
 from n2a_core.checkpoint import save_weights
 from n2a_core.errors import CheckpointError
-from n2a_core.training.loop import OptimizerSlot, Stage, adamw
 from n2a_core.specs import AutoencoderTrainingSpec
+from n2a_core.training.loop import OptimizerSlot, Stage, adamw
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -282,7 +282,7 @@ def make_splits(source: DataSource, spec: DataSourceSpec) -> DataSplits:
     records = source.record_list()
     if not records:
         raise DataError(f"data ({source.name}): the dataset is empty; check its path, split and filters")
-    sides = {"train": [], "val": []}
+    sides: dict[str, list[Record]] = {"train": [], "val": []}
     for record in records:
         sides[split_of(record.key, spec.val_fraction, spec.split_seed)].append(record)
     if spec.val_fraction > 0 and not sides["val"] and len(records) >= 2:

@@ -21,12 +21,12 @@ from torch import nn
 
 from n2a_core.autoencoder import Autoencoder
 from n2a_core.diffusion_model import DiffusionModel
-from n2a_core.training.distributed import SINGLE, Dist, find_unused_parameters, rank_seed
-from n2a_core.training.loop import OptimizerSlot, Stage, adamw
-from n2a_core.training.objective import EMA, diffusion_loss, draw_condition_drop
 from n2a_core.sampler import Sampler, generators_for_seeds
 from n2a_core.schedule import NoiseSchedule
 from n2a_core.specs import DiffusionTrainingSpec
+from n2a_core.training.distributed import SINGLE, Dist, find_unused_parameters, rank_seed
+from n2a_core.training.loop import OptimizerSlot, Stage, adamw
+from n2a_core.training.objective import EMA, diffusion_loss, draw_condition_drop
 
 
 class TrainingForward:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from n2a_core.training.run import eval_split, has_items
 
 
 @torch.no_grad()
-def evaluate_autoencoder(root: Path, *, data: str | None = None, overrides: list[str] = (),
+def evaluate_autoencoder(root: Path, *, data: str | None = None, overrides: Sequence[str] = (),
                          max_batches: int | None = None, batch_size: int = 32) -> dict[str, float]:
     """PSNR (dB), SSIM, L1 and, for quantizing autoencoders, the share of codes used on the
     split and the perplexity of their distribution (= codebook size when all are equally used)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -22,11 +23,12 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
 from n2a_core.autoencoder import Autoencoder
+from n2a_core.safe_files import temp_path, write_atomic
 from n2a_core.training.batching import report_skipped
 from n2a_core.training.distributed import SINGLE, Dist, DistributedError
 
 
-def weights_digest(module: torch.nn.Module, skip: list[str] = ()) -> str:
+def weights_digest(module: torch.nn.Module, skip: Sequence[str] = ()) -> str:
     """sha256 over the module's tensors (names, shapes, bytes), ignoring sub-modules in `skip`."""
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
@@ -64,11 +66,14 @@ class LatentDataset(Dataset):
 
 
 @torch.no_grad()
-def encode_dataset(autoencoder: Autoencoder, dataset: Dataset, collate, device: torch.device,
-                   batch_size: int = 64, flip: bool = False, progress=None) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+def encode_dataset(
+    autoencoder: Autoencoder, dataset: Dataset, collate, device: torch.device, batch_size: int = 64,
+    flip: bool = False, progress=None,
+) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """Latents of every readable image of `dataset` (in order), plus metadata lists."""
     autoencoder.eval()
-    latents, flipped, meta = [], [], {"label": [], "caption": [], "key": []}
+    latents, flipped = [], []
+    meta: dict[str, list] = {"label": [], "caption": [], "key": []}
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     for i, batch in enumerate(loader):
         images = batch["image"].to(device)
@@ -94,11 +99,9 @@ def _write(path_dir: Path, key: str, latents: torch.Tensor, flipped: torch.Tenso
     tensors = {"latents": latents.contiguous()}
     if flipped is not None:
         tensors["flipped"] = flipped.contiguous()
-    tmp = tensors_path.with_name(tensors_path.name + ".tmp")
+    tmp = temp_path(tensors_path)
     save_file(tensors, str(tmp))
-    meta_tmp = meta_path.with_name(meta_path.name + ".tmp")
-    meta_tmp.write_text(json.dumps(meta))
-    os.replace(meta_tmp, meta_path)
+    write_atomic(meta_path, json.dumps(meta))
     os.replace(tmp, tensors_path)  # the tensors last: their presence marks a complete cache
 
 

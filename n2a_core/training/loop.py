@@ -34,10 +34,16 @@ import torch
 from torch import nn
 
 from n2a_core.checkpoint import (
-    latest_checkpoint, load_checkpoint, optimizer_from_flat, optimizer_to_flat, rng_state,
-    save_checkpoint, set_rng_state,
+    load_checkpoint,
+    load_latest_checkpoint,
+    optimizer_from_flat,
+    optimizer_to_flat,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
 )
 from n2a_core.errors import CheckpointError
+from n2a_core.safe_files import write_atomic
 from n2a_core.specs import OptimSpec
 from n2a_core.training.batching import BatchStream
 from n2a_core.training.distributed import SINGLE, Dist, peer_failures, rank_seed
@@ -139,6 +145,23 @@ def host_values(logs: dict[str, float | torch.Tensor]) -> dict[str, float]:
     return {**logs, **dict(zip(keys, values, strict=True))}
 
 
+def trim_log(path: Path, step: int) -> None:
+    """Keep a resumed run's log as one run would have written it: drop the records a killed
+    process wrote after `step` (the resumed run logs those steps again) and a line the kill
+    cut short."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    write_atomic(path, "".join(kept))
+
+
 # -- precision -----------------------------------------------------------------------------
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for a precision setting on a device (None: plain fp32)."""
@@ -213,8 +236,12 @@ class TrainingLoop:
         return path
 
     def resume(self, path: Path | None = None) -> bool:
-        """Load the latest (or the given) checkpoint; False when there is none."""
-        path = path or latest_checkpoint(self.checkpoint_dir)
+        """Load the given checkpoint, else the newest one that loads (a damaged newer one is
+        skipped with a warning, and set aside by rank 0); False when there is none."""
+        found = None
+        if path is None and self.dist.is_main:
+            found = load_latest_checkpoint(self.checkpoint_dir, set_aside_damaged=True)
+            path = found[0] if found else None
         if self.dist.active:
             # Rank 0 decides, so that every rank resumes from the same step.
             chosen = self.dist.broadcast_object(None if path is None else str(path))
@@ -224,7 +251,7 @@ class TrainingLoop:
             path = None if chosen is None else Path(chosen)
         if path is None:
             return False
-        tensors, state = load_checkpoint(path)
+        tensors, state = found[1:] if found else load_checkpoint(path)
         if state.get("stage") != self.stage.name or state.get("spec_digest") != self.spec_digest:
             raise CheckpointError(
                 f"{path}: checkpoint was made by a different spec (digest {state.get('spec_digest')}, "
@@ -237,6 +264,8 @@ class TrainingLoop:
         self.stage.load_state({k[len("stage."):]: v for k, v in tensors.items() if k.startswith("stage.")},
                               state["stage_state"])
         self.step = int(state["step"])
+        if self.is_main:
+            trim_log(self.out_dir / "metrics.jsonl", self.step)
         self._load_rank_state(tensors, state)
         self.stream.restore(state["data"])
         return True

@@ -16,19 +16,20 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from n2a_core.checkpoint import latest_checkpoint, load_autoencoder_weights
+from n2a_core.checkpoint import latest_checkpoint, load_autoencoder_weights, remove_partial_saves
 from n2a_core.component import BuildContext
 from n2a_core.conditioner import check_labels
 from n2a_core.diffusion_model import DiffusionModel
-from n2a_core.errors import CheckpointError, SpecError
+from n2a_core.errors import CheckpointError, RunLockedError, SpecError
 from n2a_core.images import make_grid_image
 from n2a_core.pipeline import Pipeline, RunDir, build_pipeline
 from n2a_core.plugins import get_registry
 from n2a_core.progress import progress_bar
+from n2a_core.safe_files import RunLock, remove_leftovers
 from n2a_core.specs import DiffusionTrainingSpec, RunSpecBase, resolve_run_spec
 from n2a_core.training import distributed
 from n2a_core.training.autoencoder_stage import AutoencoderStage, export_autoencoder
-from n2a_core.training.batching import BatchStream, collate_samples, make_splits, report_skipped
+from n2a_core.training.batching import BatchStream, DataSplits, collate_samples, make_splits, report_skipped
 from n2a_core.training.diffusion_stage import DiffusionStage
 from n2a_core.training.distributed import SINGLE, Dist, DistributedError, local_batch, rank_seed
 from n2a_core.training.latent_cache import cache_key, encode_dataset, load_or_build
@@ -58,14 +59,27 @@ class Session:
     run: RunDir
     device: torch.device
     pipeline: Pipeline
-    splits: object
+    splits: DataSplits
     show_progress: bool
     dist: Dist = SINGLE
     """This process's place in a multi-process job (SINGLE for one process)."""
+    lock: RunLock | None = None
+    """The run folder's lock, held by rank 0 until `close()`."""
 
     @property
     def is_main(self) -> bool:
         return self.dist.is_main
+
+    def close(self) -> None:
+        """Release the run folder for other processes (the OS does it if this one dies)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def describe_batch(s: Session, stage: str, tspec, batch: int) -> None:
@@ -84,17 +98,57 @@ def check_batch_sizes(spec: RunSpecBase, world_size: int, stage1: bool = True, s
         local_batch(spec.training.batch_size, spec.training.grad_accum, world_size, "training.batch_size")
 
 
-def prepare_run(spec: RunSpecBase, out: Path, *, resume: bool, show_progress: bool = True) -> Session:
-    """Check the run folder, load data and build the components; nothing trains yet.
+def lock_run_folder(run: RunDir, dist: Dist, resume: bool) -> RunLock | None:
+    """Take the run folder's lock (rank 0; every rank stops if it cannot) and clear what
+    killed processes left in it. None on the other ranks."""
+    lock, refusal = None, None
+    if dist.is_main:
+        lock = RunLock(run.root)
+        try:
+            lock.acquire()
+        except RunLockedError as exc:
+            lock, refusal = None, str(exc)
+    refusal = dist.broadcast_object(refusal)
+    if refusal:
+        raise RunLockedError(refusal if dist.is_main else f"rank {dist.rank}: {refusal}")
+    if resume and not run.spec_file.is_file():
+        if lock is not None:
+            lock.release()
+        raise SpecError(f"{run.root}: --resume, but this folder holds no run (no spec.yaml); "
+                        "drop --resume to start a new run here")
+    if lock is not None:  # no other process writes here now: every leftover is debris
+        for folder in (run.root, run.autoencoder, run.diffusion, run.cache):
+            remove_leftovers(folder)
+        for stage in (run.autoencoder, run.diffusion):
+            remove_partial_saves(stage / "checkpoints")
+    return lock
 
-    Under torchrun this joins the process group first; every rank makes the same checks
-    (so a refusal stops them all at once), rank 0 writes spec.yaml and labels.json.
+
+def prepare_run(spec: RunSpecBase, out: Path, *, resume: bool, show_progress: bool = True) -> Session:
+    """Lock and check the run folder, load data and build the components; nothing trains yet.
+
+    The returned Session holds the run folder's lock: `close()` it, or use it in a `with`
+    block. Under torchrun this joins the process group first; every rank makes the same
+    checks (so a refusal stops them all at once), rank 0 holds the lock and writes
+    spec.yaml and labels.json.
     """
     run = RunDir(out)
     _, world_size, _ = distributed.launch_env()
     check_batch_sizes(spec, world_size, stage1=not spec.autoencoder_weights and not stage1_finished(spec, run),
                       stage2=False)
     dist, device = distributed.init(spec.device)
+    lock = lock_run_folder(run, dist, resume)
+    try:
+        return _prepare_locked(spec, run, dist, device, show_progress, resume, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _prepare_locked(spec: RunSpecBase, run: RunDir, dist: Dist, device: torch.device, show_progress: bool,
+                    resume: bool, lock: RunLock | None) -> Session:
+    out = run.root
     if run.spec_file.is_file():
         if not resume:
             raise SpecError(f"{out}: a run already exists here; pass --resume to continue it or choose another --out")
@@ -102,8 +156,6 @@ def prepare_run(spec: RunSpecBase, out: Path, *, resume: bool, show_progress: bo
         if saved.digest() != spec.digest():
             raise SpecError(f"{out}: --resume with a spec that differs from the run's spec.yaml; "
                             f"resume with `--config {run.spec_file}` (you may still change step counts)")
-    elif resume and out.exists() and any(out.iterdir()):
-        raise SpecError(f"{out}: --resume but no spec.yaml in this folder; is it an n2a run?")
     dist.barrier()  # every rank has looked before rank 0 writes spec.yaml
     seed_everything(spec.seed)  # the same on every rank: identical initial weights
     registry = get_registry()
@@ -131,7 +183,7 @@ def prepare_run(spec: RunSpecBase, out: Path, *, resume: bool, show_progress: bo
                                "(--out) must be on a filesystem every node shares")
     if dist.rank:
         seed_everything(rank_seed(spec.seed, dist.rank))  # own dropout masks and flips from here on
-    return Session(spec, run, device, pipeline, splits, show_progress and dist.is_main, dist)
+    return Session(spec, run, device, pipeline, splits, show_progress and dist.is_main, dist, lock)
 
 
 def first_items(dataset, n: int) -> list[dict]:
@@ -308,12 +360,19 @@ def preview_conditions(dataset, conditioner, tspec: DiffusionTrainingSpec, n: in
 
 def train_run(spec: RunSpecBase, out: Path, *, resume: bool = False, max_steps: int | None = None,
               show_progress: bool = True) -> Session:
-    """Train stage 1 (if needed) then stage 2 in `out` (on every process of a torchrun job)."""
+    """Train stage 1 (if needed) then stage 2 in `out` (on every process of a torchrun job).
+
+    The returned Session still holds the run folder's lock (for final samples, say):
+    `close()` it, or use it in a `with` block."""
     _, world_size, _ = distributed.launch_env()
     check_batch_sizes(spec, world_size, stage1=False)  # stage 1's in prepare_run
     session = prepare_run(spec, Path(out), resume=resume, show_progress=show_progress)
-    if session.pipeline.conditioner is not None:  # before stage 1, not after it
-        check_labels(session.pipeline.conditioner, spec.training.preview_labels, "training.preview_labels")
-    resolve_autoencoder(session)
-    train_diffusion_stage(session, max_steps)
+    try:
+        if session.pipeline.conditioner is not None:  # before stage 1, not after it
+            check_labels(session.pipeline.conditioner, spec.training.preview_labels, "training.preview_labels")
+        resolve_autoencoder(session)
+        train_diffusion_stage(session, max_steps)
+    except BaseException:
+        session.close()
+        raise
     return session

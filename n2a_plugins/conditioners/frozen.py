@@ -21,7 +21,6 @@ def hub_offline() -> Iterator[None]:
     huggingface_hub reads HF_HUB_OFFLINE once at import, so its module flag is set too.
     """
     import huggingface_hub.constants as hub_constants
-
     from transformers.utils import logging as hf_logging
 
     saved_env, saved_flag = os.environ.get("HF_HUB_OFFLINE"), hub_constants.HF_HUB_OFFLINE

@@ -134,27 +134,14 @@ def _one_line(exc: BaseException) -> str:
 
 
 def load_hf(spec: HFSpec, cache_dir: Path | None = None):
-    """The Dataset (or IterableDataset when streaming) a spec names, with one-line errors."""
+    """The Dataset (or IterableDataset when streaming) a spec names, with one-line errors:
+    a saved dataset, a file or a folder on disk, a packaged builder, or a hub name."""
     import datasets
 
-    kwargs: dict[str, Any] = {"split": spec.split, "streaming": spec.streaming}
-    if cache_dir is not None:
-        kwargs["cache_dir"] = str(cache_dir)
-    if spec.config:
-        kwargs["name"] = spec.config
-    if spec.data_files is not None:
-        kwargs["data_files"] = spec.data_files
-    if spec.data_dir is not None:
-        kwargs["data_dir"] = spec.data_dir
+    kwargs = _load_kwargs(spec, cache_dir)
     path = Path(spec.path).expanduser()
-
     if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
-        ds = _call(datasets.load_from_disk, spec, str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            if spec.split not in ds:
-                raise DataError(f"data.split: no split '{spec.split}' in {path}; splits: {', '.join(ds)}")
-            ds = ds[spec.split]
-        return ds.to_iterable_dataset() if spec.streaming else ds
+        return _load_saved(spec, path)
     if path.is_file():
         builder = FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
@@ -170,6 +157,39 @@ def load_hf(spec: HFSpec, cache_dir: Path | None = None):
     if not HUB_ID.match(spec.path) or spec.path.startswith((".", "~", "/")):
         raise DataError(f"data.path: {path} does not exist; give an existing folder or file, "
                         "or a hub name like user/dataset")
+    return _load_from_hub(spec, kwargs)
+
+
+def _load_kwargs(spec: HFSpec, cache_dir: Path | None) -> dict[str, Any]:
+    """`datasets.load_dataset` keyword arguments from the spec's optional fields."""
+    kwargs: dict[str, Any] = {"split": spec.split, "streaming": spec.streaming}
+    if cache_dir is not None:
+        kwargs["cache_dir"] = str(cache_dir)
+    if spec.config:
+        kwargs["name"] = spec.config
+    if spec.data_files is not None:
+        kwargs["data_files"] = spec.data_files
+    if spec.data_dir is not None:
+        kwargs["data_dir"] = spec.data_dir
+    return kwargs
+
+
+def _load_saved(spec: HFSpec, path: Path):
+    """A dataset written by `save_to_disk` (a Dataset, or a DatasetDict holding the split)."""
+    import datasets
+
+    ds = _call(datasets.load_from_disk, spec, str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if spec.split not in ds:
+            raise DataError(f"data.split: no split '{spec.split}' in {path}; splits: {', '.join(ds)}")
+        ds = ds[spec.split]
+    return ds.to_iterable_dataset() if spec.streaming else ds
+
+
+def _load_from_hub(spec: HFSpec, kwargs: dict[str, Any]):
+    """A hub dataset (or its cached copy), failing fast when the hub cannot be reached."""
+    import datasets
+
     hint = ("pass a local path (parquet, arrow or an image folder), or download it once with network "
             "access and set HF_HUB_OFFLINE=1 to use the cache")
     if not _offline():

@@ -26,7 +26,12 @@ from pydantic import field_validator
 
 from n2a_core import BuildContext, DataError, DataSource, DataSourceSpec, Record, Sample, open_image
 from n2a_plugins.data.emoji_groups import (
-    EXTRAS_OPENMOJI, GROUPS, NEWER_NAMES, PRIVATE_USE, REGIONAL_INDICATORS, group_of,
+    EXTRAS_OPENMOJI,
+    GROUPS,
+    NEWER_NAMES,
+    PRIVATE_USE,
+    REGIONAL_INDICATORS,
+    group_of,
 )
 
 RENDERER_VERSION = "2"
