@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from n2a_core.errors import N2AError
 
@@ -21,7 +22,8 @@ def user_errors() -> Iterator[None]:
         yield
     except N2AError as exc:
         for line in str(exc).splitlines() or [type(exc).__name__]:
-            err_console.print(f"[red]✗[/red] {line}", soft_wrap=True)
+            # escaped: a line quotes user input, and '[/x]' in a key is text, not rich markup
+            err_console.print(f"[red]✗[/red] {escape(line)}", soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/yellow]: everything written so far is kept")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from cli.common import console, user_errors
@@ -60,7 +61,7 @@ def show(
 
             raise DataError(f"data ({source.name}): none of the {len(items)} sampled images could be read")
 
-    summary = Table(title=f"data: {source.name}", show_header=False)
+    summary = Table(title=f"data: {escape(source.name)}", show_header=False)
     summary.add_column(style="bold")
     summary.add_column()
     summary.add_row("image size", f"{data.image_size} x {data.image_size}")
@@ -83,7 +84,7 @@ def show(
             labels.add_column(column, justify=justify)
         total_labelled = sum(counts.values())
         for label, count in counts.most_common(top):
-            labels.add_row(label, f"{count:,}", f"{count / total_labelled:.1%}")
+            labels.add_row(escape(label), f"{count:,}", f"{count / total_labelled:.1%}")
         console.print(labels)
 
     captions = [(k, c) for k, c in zip(batch["key"], batch["caption"], strict=True) if c][:8]
@@ -92,10 +93,10 @@ def show(
         table.add_column("key")
         table.add_column("caption")
         for key, caption in captions:
-            table.add_row(key, caption)
+            table.add_row(escape(key), escape(caption))
         console.print(table)
 
     out = out or Path(f"data-{source.name}.png")
     names = [caption or label for caption, label in zip(batch["caption"], batch["label"], strict=True)]
     make_grid_image(batch["image"], captions=names).save(out)
-    console.print(f"contact sheet of {len(batch['key'])} training images: [bold]{out}[/bold]")
+    console.print(f"contact sheet of {len(batch['key'])} training images: [bold]{escape(str(out))}[/bold]")

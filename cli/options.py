@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -28,6 +29,14 @@ SetOption = Annotated[
 PresetOption = Annotated[
     str | None, typer.Option(help=f"Starting spec when no --config is given: {', '.join(preset_names())}.")
 ]
+
+
+def finite(value: float | None) -> float | None:
+    """The callback of every float option: Click takes 'inf' and 'nan' as floats, and
+    nan even passes a min= bound (every comparison with it is false)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number, not {value}")
+    return value
 
 
 def plugin_options(command):

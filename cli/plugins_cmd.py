@@ -6,9 +6,11 @@ import json
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from cli.common import console, user_errors
+from n2a_core import strict_json
 from n2a_core.errors import PluginError, did_you_mean
 from n2a_core.kinds import KINDS
 
@@ -62,7 +64,7 @@ def list_plugins(
             raise PluginError(f"--kind: unknown kind '{kind}'{did_you_mean(kind, KINDS)}; kinds: {', '.join(KINDS)}")
         rows = plugin_rows(kind)
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        typer.echo(strict_json.dumps(rows, indent=2))
         return
     if markdown:
         typer.echo(markdown_table(kind))
@@ -72,7 +74,8 @@ def list_plugins(
         table.add_column(column)
     for row in rows:
         status = "[green]ok[/green]" if row["status"] == "ok" else "[red]error[/red]"
-        table.add_row(row["kind"] or "-", row["name"], row["package"], row["version"], status, row["description"] or "")
+        table.add_row(*(escape(row[key] or "-") for key in ("kind", "name", "package", "version")), status,
+                      escape(row["description"] or ""))
     console.print(table)
 
 

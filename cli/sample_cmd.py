@@ -7,8 +7,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from cli.common import console, user_errors
+from cli.options import finite
+from n2a_core.seeds import SEED_MAX
+
+MAX_IMAGES = 1_000_000
+"""Per prompt or label: enough for an FID over 50,000 images, few enough to list the seeds."""
 
 
 def sample(
@@ -18,17 +24,19 @@ def sample(
     label: Annotated[list[str] | None, typer.Option("--label", "-l", help="Class label to draw (repeatable).")] = None,
     conditioner: Annotated[str | None, typer.Option(help="Must match the run's conditioner (a check).")] = None,
     guidance: Annotated[float, typer.Option(help="Guidance weight w: (1+w)·ε(z,c) − w·ε(z,∅); scale s = 1 + w.",
-                                            min=0.0)] = 3.0,
+                                            min=0.0, callback=finite)] = 3.0,
     sampler: Annotated[str | None, typer.Option(help="Sampler plugin (default: the run's).")] = None,
     steps: Annotated[int | None, typer.Option(help="Sampler steps (default: the sampler's).", min=1)] = None,
-    n: Annotated[int, typer.Option("--n", help="Images per prompt/label (or in all, unconditionally).", min=1)] = 4,
-    seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed + i.")] = 0,
+    n: Annotated[int, typer.Option("--n", help="Images per prompt/label (or in all, unconditionally).", min=1,
+                                   max=MAX_IMAGES)] = 4,
+    seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed + i.", min=0,
+                                      max=SEED_MAX)] = 0,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: a new RUN/samples/<time>); "
                                              "files already in it are kept, new ones numbered after them.",
                                              show_default=False)] = None,
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights.")] = True,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 16,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps.")] = "auto",
     negative_prompt: Annotated[str | None, typer.Option(help="Caption to steer away from: "
                                                         "(1+w)·ε(z,c) − w·ε(z,c⁻).", show_default=False)] = None,
     negative_label: Annotated[str | None, typer.Option(help="Class label to steer away from.",
@@ -45,16 +53,16 @@ def sample(
     interpolate_seeds: Annotated[tuple[int, int] | None, typer.Option(
         help="Two seeds whose noise to morph between (slerp).", show_default=False)] = None,
     frames: Annotated[int, typer.Option(help="Frames of an --interpolate/--interpolate-seeds animation.",
-                                        min=2)] = 8,
+                                        min=2, max=MAX_IMAGES)] = 8,
 ) -> None:
     """Draw images from a trained run and write PNGs (with metadata), samples.jsonl and a grid;
     interpolations also write an animated GIF (and WebP)."""
     from n2a_core.errors import SpecError
     from n2a_core.generate import (
         SampleWriter,
+        StepCount,
         check_conditions,
         generate,
-        interpolation,
         load_run,
         new_samples_folder,
         write_animation,
@@ -68,36 +76,36 @@ def sample(
             raise SpecError("--prompt and --label: give one kind of condition per call")
         if negative_prompt and negative_label:
             raise SpecError("--negative-prompt and --negative-label: give one")
-        given = prompt or label or []
-        if (interpolate and given) or (interpolate_seeds and len(given) > 1):
+        wanted = list(prompt or label or [])
+        if (interpolate and wanted) or (interpolate_seeds and len(wanted) > 1):
             raise SpecError("--interpolate: give the two ends there, not with --prompt/--label")
         if mask is not None and init_image is None:
             raise SpecError("--mask: inpainting needs --init-image, the picture to keep outside the mask")
         if strength is not None and init_image is None:
             raise SpecError("--strength: needs --init-image, the picture to start from")
+        animated = interpolate is not None or interpolate_seeds is not None
+        conditions, seeds = _frames_or_images(wanted, n, seed, interpolate, interpolate_seeds, frames)
+        if not animated and seeds[-1] > SEED_MAX:
+            raise SpecError(f"--seed: image i uses seed + i, so {len(seeds)} images need a seed of at most "
+                            f"{SEED_MAX - len(seeds) + 1} (got {seed})")
         root = run or newest_run()
         loaded = load_run(root, device=device, ema=ema)
         if conditioner is not None:
             actual = loaded.spec.conditioner.type if loaded.spec.conditioner else "none"
             if conditioner != actual:
                 raise SpecError(f"--conditioner: the run was trained with '{actual}', not '{conditioner}'")
-        wanted = list(prompt or label or [])
         field = "caption" if prompt else "label" if label else None
         negative = negative_prompt or negative_label
         check_conditions(loaded, wanted + list(interpolate or ()), field)
         if negative:
             check_conditions(loaded, [negative], "caption" if negative_prompt else "label")
-        if interpolate or interpolate_seeds:
-            conditions = interpolation(*interpolate, frames) if interpolate else [wanted[0] if wanted else ""] * frames
-            seeds = interpolation(*interpolate_seeds, frames) if interpolate_seeds else [seed] * frames
-        else:
-            conditions = [c for c in wanted for _ in range(n)] if wanted else [""] * n
-            seeds = [seed + i for i in range(len(conditions))]
         if init_image is not None and strength is None:
             strength = 1.0 if mask is not None else 0.8
         sampler_spec = get_registry().validate_spec("sampler", sampler) if sampler else None
         if sampler_spec is not None and steps is None and hasattr(sampler_spec, "steps"):
             steps = sampler_spec.steps
+        # Guidance needs a condition to steer by: an unconditional call uses (and records) none.
+        guidance = guidance if wanted or interpolate or negative else 0.0
         sampler_name = sampler or (loaded.spec.sampler.type if loaded.spec.sampler else None)
         creative = {key: value for key, value in (
             ("negative", negative), ("init_image", str(init_image) if init_image else None),
@@ -109,17 +117,28 @@ def sample(
                    for i, (s, c) in enumerate(zip(seeds, conditions, strict=True))]
         # A folder of our own (never another call's), and every image on disk as soon as it exists.
         out_dir = out or new_samples_folder(loaded.run.samples)
-        writer = SampleWriter(out_dir, records)
+        evaluations = StepCount()
+        writer = SampleWriter(out_dir, records, steps_used=evaluations)
         with progress_bar("sampling", len(seeds)) as bar:
             images = generate(loaded, conditions, seeds, guidance=guidance, sampler_spec=sampler_spec,
                               steps=steps, batch_size=batch_size, progress=lambda done, total: bar(done, total),
                               negative=negative, init_image=init_image, strength=strength or 1.0, mask=mask,
-                              on_images=writer)
-        animated = interpolate is not None or interpolate_seeds is not None
+                              on_images=writer, callback=evaluations)
         grid = writer.write_grid(images, nrow=frames if animated else n if wanted else None)
         animations = write_animation(images, out_dir) if animated else []
-    also = "".join(f"; {path.suffix[1:]}: {path}" for path in animations)
-    console.print(f"{len(images)} images in [bold]{out_dir}[/bold]; grid: {grid}{also}")
+    also = "".join(f"; {path.suffix[1:]}: {escape(str(path))}" for path in animations)
+    console.print(f"{len(images)} images in [bold]{escape(str(out_dir))}[/bold]; grid: {escape(str(grid))}{also}")
+
+
+def _frames_or_images(wanted: list[str], n: int, seed: int, interpolate, interpolate_seeds, frames: int):
+    """(conditions, seeds): n images per condition, or the frames of an interpolation."""
+    from n2a_core.generate import interpolation
+
+    if interpolate is None and interpolate_seeds is None:
+        conditions = [c for c in wanted for _ in range(n)] if wanted else [""] * n
+        return conditions, [seed + i for i in range(len(conditions))]
+    conditions = interpolation(*interpolate, frames) if interpolate else [wanted[0] if wanted else ""] * frames
+    return conditions, interpolation(*interpolate_seeds, frames) if interpolate_seeds else [seed] * frames
 
 
 def _seed_and_condition(seed, condition) -> dict:

@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from cli.common import console, user_errors
 from cli.options import ConfigOption, PresetOption, SetOption, plugin_options, resolve_cli_spec
+from n2a_core import strict_json
 
 OutOption = Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (default: runs/<preset>-<time>).",
                                                  show_default=False)]
@@ -53,7 +55,7 @@ def _run_spec_and_folder(config, overrides, plugins, preset, out, resume):
     if resume and config is None and (out_dir / "spec.yaml").is_file():
         config = out_dir / "spec.yaml"
     spec = _spec_with_autoencoder_run(config, overrides, plugins, preset)
-    console.print(f"run folder: [bold]{out_dir}[/bold]")
+    console.print(f"run folder: [bold]{escape(str(out_dir))}[/bold]")
     return spec, out_dir
 
 
@@ -80,7 +82,7 @@ def train(
         with train_run(spec, out_dir, resume=resume, max_steps=max_steps) as session:  # holds the run's lock
             if session.is_main:
                 _final_samples(session)
-    console.print(f"done in {time.perf_counter() - started:.0f} s: {out_dir}")
+    console.print(f"done in {time.perf_counter() - started:.0f} s: {escape(str(out_dir))}")
 
 
 FINAL_SEEDS = 4
@@ -89,7 +91,7 @@ FINAL_SEEDS = 4
 def _final_samples(session) -> None:
     """A grid for a handful of conditions, a row of seeds each, at the end of training
     (the quickstart's payoff)."""
-    from n2a_core.generate import SampleWriter, generate, load_run
+    from n2a_core.generate import SampleWriter, StepCount, generate, load_run
     from n2a_core.safe_files import new_folder
     from n2a_core.training.run import eval_split, preview_conditions
 
@@ -101,11 +103,14 @@ def _final_samples(session) -> None:
     guidance = tspec.preview_guidance if loaded.conditioner is not None else 0.0
     records = [{"index": i, "seed": s, "condition": c, "guidance": guidance, "step": loaded.step,
                 "sampler": loaded.spec.sampler.type if loaded.spec.sampler else None,
+                "steps": getattr(loaded.spec.sampler, "steps", None),
                 "spec_digest": loaded.spec.digest()} for i, (s, c) in enumerate(zip(seeds, conditions, strict=True))]
-    writer = SampleWriter(new_folder(session.run.samples, "final"), records)  # final, final-2 after a resume, ...
-    images = generate(loaded, conditions, seeds, guidance=guidance, on_images=writer)
+    evaluations = StepCount()
+    writer = SampleWriter(new_folder(session.run.samples, "final"), records,  # final, final-2 after a resume, ...
+                          steps_used=evaluations)
+    images = generate(loaded, conditions, seeds, guidance=guidance, on_images=writer, callback=evaluations)
     grid = writer.write_grid(images, nrow=FINAL_SEEDS)
-    console.print(f"samples: [bold]{grid}[/bold]")
+    console.print(f"samples: [bold]{escape(str(grid))}[/bold]")
 
 
 @plugin_options
@@ -146,4 +151,4 @@ def eval_autoencoder(
         for k, v in metrics.items():
             table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
         console.print(table)
-    typer.echo(json.dumps(metrics))
+    typer.echo(strict_json.dumps(metrics))

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from n2a_core import strict_json
 from n2a_core.autoencoder import Autoencoder
 from n2a_core.errors import CheckpointError
 from n2a_core.safe_files import remove_leftovers, temp_path, write_atomic
@@ -165,7 +166,7 @@ def save_checkpoint(
     try:
         save_file(flatten(tensors), str(tmp / TENSORS))
         digest = file_sha256(tmp / TENSORS)
-        (tmp / STATE).write_text(json.dumps({**state, "step": step, "tensors_sha256": digest}, indent=1))
+        (tmp / STATE).write_text(strict_json.dumps({**state, "step": step, "tensors_sha256": digest}, indent=1))
         for f in (tmp / TENSORS, tmp / STATE):
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

@@ -15,9 +15,11 @@ from pydantic import BaseModel, ConfigDict
 
 
 class N2ASpec(BaseModel):
-    """Base of every n2a spec: unknown keys are errors, field docstrings become docs."""
+    """Base of every n2a spec: unknown keys are errors, field docstrings become docs, and no
+    float may be NaN or infinite (YAML's .inf, JSON's NaN: an lr of inf trains nothing)."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True,
+                              allow_inf_nan=False)
 
 
 class ComponentSpec(N2ASpec):

@@ -18,6 +18,7 @@ from PIL import Image
 from pydantic import Field
 
 from n2a_core.component import ComponentSpec
+from n2a_core.seeds import Seed
 
 
 # -- records and samples ---------------------------------------------------------------
@@ -57,7 +58,7 @@ class DataSourceSpec(ComponentSpec):
     """Random horizontal flips during training."""
     val_fraction: float = Field(0.05, ge=0, lt=1)
     """Share of records held out for validation (paper: 5%)."""
-    split_seed: int = 0
+    split_seed: Seed = 0
     """Seed of the hash-based train/validation split."""
     limit: int | None = Field(None, ge=1)
     """Use at most this many records (handy for quick runs)."""

@@ -16,7 +16,6 @@ pipeline's transform (smallest side resized, centre-cropped).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image, features
 from PIL.PngImagePlugin import PngInfo
 
+from n2a_core import strict_json
 from n2a_core.checkpoint import load_autoencoder_weights, load_latest_checkpoint
 from n2a_core.conditioner import Conditioner, check_labels
 from n2a_core.device import resolve_device
@@ -38,7 +38,7 @@ from n2a_core.images import image_to_tensor, make_grid_image, open_image, tensor
 from n2a_core.pipeline import Pipeline, RunDir, build_pipeline
 from n2a_core.plugins import get_registry
 from n2a_core.safe_files import FileLock, new_folder, open_new
-from n2a_core.sampler import NoiseBetween, Sampler
+from n2a_core.sampler import NoiseBetween, Sampler, StepCallback
 from n2a_core.specs import RunSpecBase, resolve_run_spec
 
 
@@ -100,6 +100,17 @@ def check_conditions(loaded: LoadedRun, conditions: list[str], field: str | None
     check_labels(conditioner, conditions, "--label")
 
 
+class StepCount:
+    """A sampler callback that keeps how many denoiser steps the chain took (the steps
+    actually used: a sampler's default, or fewer than asked where its grid has fewer)."""
+
+    def __init__(self) -> None:
+        self.steps: int | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        self.steps = total
+
+
 @dataclass(frozen=True)
 class Between:
     """The point u in [0, 1] from `start` to `end`: two seeds (their noise is slerped, see
@@ -126,7 +137,8 @@ def generate(loaded: LoadedRun, conditions: list[str | Between], seeds: list[int
              guidance: float = 0.0, sampler_spec=None, steps: int | None = None, batch_size: int = 16,
              progress=None, negative: str | None = None, init_image: ImageInput | None = None,
              strength: float = 1.0, mask: ImageInput | None = None,
-             on_images: Callable[[torch.Tensor, int], None] | None = None) -> torch.Tensor:
+             on_images: Callable[[torch.Tensor, int], None] | None = None,
+             callback: StepCallback | None = None) -> torch.Tensor:
     """Images (N x 3 x H x W in [-1, 1]) for one condition and seed each ('' = unconditional).
 
     negative:   a caption or label to steer away from: (1 + w) eps(z, c) - w eps(z, negative)
@@ -137,8 +149,8 @@ def generate(loaded: LoadedRun, conditions: list[str | Between], seeds: list[int
                 black where to keep the init image;
     Between(a, b, u) in `seeds` or `conditions`: a frame of an interpolation.
     `on_images(images, start)` receives each batch as soon as it is decoded (a
-    SampleWriter, so that the images are on disk whatever happens next).
-    """
+    SampleWriter, so that the images are on disk whatever happens next); `callback(done,
+    total)` goes to the sampler (after each denoiser step of each batch)."""
     if len(conditions) != len(seeds):
         raise ValueError(f"{len(conditions)} conditions for {len(seeds)} seeds")
     p = loaded.pipeline
@@ -164,7 +176,7 @@ def generate(loaded: LoadedRun, conditions: list[str | Between], seeds: list[int
             creative["negative"] = negative_cond
         z = sampler.sample(loaded.model.denoiser, p.schedule, (len(chunk_seeds), *shape), cond=cond,
                            guidance=use_guidance, steps=steps, generator=[_generator(s) for s in chunk_seeds],
-                           **creative)
+                           callback=callback, **creative)
         out.append(p.autoencoder.decode(z.to(loaded.device)).clamp(-1, 1).float().cpu())
         if on_images:
             on_images(out[-1], start)
@@ -290,8 +302,10 @@ class SampleWriter:
 
     _NUMBERED = re.compile(r"^(\d+)-.*\.png$")
 
-    def __init__(self, out_dir: Path, records: list[dict]):
-        self.out_dir, self.records = Path(out_dir), records
+    def __init__(self, out_dir: Path, records: list[dict], steps_used: StepCount | None = None):
+        """`steps_used`, the StepCount given to `generate`, puts the steps the sampler took
+        into each record (a batch is written after its chain, so the count is known)."""
+        self.out_dir, self.records, self.steps_used = Path(out_dir), records, steps_used
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.log_file = self.out_dir / "samples.jsonl"
         self.files: list[str] = []
@@ -300,9 +314,11 @@ class SampleWriter:
         """Write `images`, the records from `start` on."""
         with FileLock(self.log_file):
             for image, record in zip(images, self.records[start:start + len(images)], strict=True):
+                if self.steps_used is not None and self.steps_used.steps is not None:
+                    record["steps"] = self.steps_used.steps
                 name = self._write_png(image, record)
                 with open(self.log_file, "a", encoding="utf-8") as log:
-                    log.write(json.dumps({"file": name, **record}, ensure_ascii=False) + "\n")
+                    log.write(strict_json.dumps({"file": name, **record}, ensure_ascii=False) + "\n")
                 self.files.append(name)
 
     def _next_number(self) -> int:
@@ -311,7 +327,7 @@ class SampleWriter:
 
     def _write_png(self, image: torch.Tensor, record: dict) -> str:
         info = PngInfo()
-        info.add_text("n2a", json.dumps(record))
+        info.add_text("n2a", strict_json.dumps(record))
         number = self._next_number()
         while True:  # another program may add files while we hold the lock: skip their names
             name = f"{number:04d}-seed{record['seed']}.png"

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from n2a_core import strict_json
 from n2a_core.autoencoder import Autoencoder
 from n2a_core.component import BuildContext
 from n2a_core.conditioner import Conditioner
@@ -23,7 +24,7 @@ from n2a_core.plugins import Registry, get_registry
 from n2a_core.safe_files import write_atomic
 from n2a_core.sampler import Sampler
 from n2a_core.schedule import NoiseSchedule
-from n2a_core.specs import RunSpecBase
+from n2a_core.specs import RunSpecBase, read_spec_file
 
 
 @dataclass
@@ -123,11 +124,11 @@ class RunDir:
     def read_spec_data(self) -> dict:
         if not self.spec_file.is_file():
             raise SpecError(f"{self.root}: not an n2a run (no spec.yaml); pass a folder made by `n2a train`")
-        return yaml.safe_load(self.spec_file.read_text()) or {}
+        return read_spec_file(self.spec_file)
 
     def write_labels(self, labels: list[str] | None) -> None:
         if labels is not None:
-            write_atomic(self.labels_file, json.dumps(labels, indent=1))
+            write_atomic(self.labels_file, strict_json.dumps(labels, indent=1))
 
     def read_labels(self) -> list[str] | None:
         return json.loads(self.labels_file.read_text()) if self.labels_file.is_file() else None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
+import logging
 import os
 import sys
 import typing
@@ -35,6 +36,7 @@ from n2a_core.kinds import KINDS
 from n2a_core.spec_errors import format_validation_error
 
 ENTRY_POINT_GROUP = "n2a"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,10 @@ def _entry_points() -> list[importlib.metadata.EntryPoint]:
     allow = os.environ.get("N2A_LOAD_PLUGINS")
     if allow is not None:
         wanted = {a.strip() for a in allow.split(",") if a.strip()}
+        installed = sorted({ep.name for ep in eps})
+        for name in sorted(wanted - set(installed)):  # a typo would otherwise load nothing, silently
+            log.warning("N2A_LOAD_PLUGINS: no plugin '%s' is installed%s; installed: %s",
+                        name, did_you_mean(name, installed), ", ".join(installed) or "none")
         eps = [ep for ep in eps if ep.name in wanted]
     # Distinct entry points only: an editable install can list the same one twice.
     unique = {(ep.name, ep.value): ep for ep in eps}

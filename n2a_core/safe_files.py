@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
+from n2a_core import strict_json
 from n2a_core.errors import N2AError, RunLockedError, SpecError
 
 TEMP_SUFFIX = ".n2a-tmp"
@@ -205,7 +206,7 @@ class RunLock:
                 "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "python"}
         os.ftruncate(self.lock.fd, 0)
         os.lseek(self.lock.fd, 0, os.SEEK_SET)
-        os.write(self.lock.fd, (json.dumps(note) + "\n").encode())
+        os.write(self.lock.fd, (strict_json.dumps(note) + "\n").encode())
 
     def holder(self) -> str:
         """'process 123 on host h (since ...: n2a train ...)', as far as the lock file says."""

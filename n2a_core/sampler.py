@@ -249,16 +249,17 @@ def spaced_timesteps(
     if not 1 <= steps <= num_timesteps:
         raise SpecError(f"sampler.steps: {steps} is outside 1..{num_timesteps} (the schedule's T); "
                         "pick a value in that range")
-    i = torch.arange(steps, device=device, dtype=torch.float64)
+    # Computed in float64 on the CPU (MPS has no float64), moved once.
+    i = torch.arange(steps, dtype=torch.float64)
     if spacing == "trailing":
         t = (num_timesteps - i * (num_timesteps / steps)).round() - 1
     elif spacing == "leading":
         t = (i * (num_timesteps // steps)).flip(0)
     elif spacing == "linspace":
-        t = torch.linspace(0, num_timesteps - 1, steps, device=device, dtype=torch.float64).round().flip(0)
+        t = torch.linspace(0, num_timesteps - 1, steps, dtype=torch.float64).round().flip(0)
     else:
         raise SpecError(f"sampler.timestep_spacing: unknown {spacing!r}; use trailing, leading or linspace")
-    return t.long()
+    return t.long().to(device)
 
 
 def usable_timesteps(schedule: NoiseSchedule, min_log_snr: float | None) -> int:

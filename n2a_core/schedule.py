@@ -53,13 +53,16 @@ class NoiseSchedule:
         return torch.log(a) - torch.log1p(-a)
 
     def tables(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(alpha_bar, betas) as float64 tensors on `device`, moved there once and cached.
+        """(alpha_bar, betas) as float64 tensors on `device` (float32 on MPS), moved there once and cached.
 
         Samplers index these on the device so the loop never waits on the host.
         """
         device = torch.device(device)
         if device not in self._device_tables:
-            self._device_tables[device] = (self.alphas_cumprod.to(device), self.betas.to(device))
+            # Apple's MPS has no float64: there the tables are float32, which the samplers'
+            # per-step coefficients already are.
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            self._device_tables[device] = (self.alphas_cumprod.to(device, dtype), self.betas.to(device, dtype))
         return self._device_tables[device]
 
     # -- continuous u in [0, 1] --------------------------------------------------------------

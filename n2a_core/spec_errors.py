@@ -49,7 +49,7 @@ def format_validation_error(
             lines.append(f"{where}: unknown type {ctx.get('tag')!r}; allowed: {ctx.get('expected_tags')}")
         else:
             got = err.get("input")
-            got_text = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+            got_text = "" if isinstance(got, dict) or got is None else f" (got {_shortened(repr(got))})"
             lines.append(f"{where}: {err['msg']}{got_text}")
     return SpecError("\n".join(lines))
 
@@ -72,3 +72,7 @@ def _fields_at(loc: tuple, root: Any, registry, model: type[BaseModel] | None) -
         else:
             cls = None
     return sorted(getattr(cls, "model_fields", {}))
+
+
+def _shortened(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else f"{text[:limit - 1]}…"

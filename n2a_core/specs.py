@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, create_model, model_validator
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
 from n2a_core.component import ComponentSpec, N2ASpec
-from n2a_core.errors import SpecError
+from n2a_core.device import check_device_name
+from n2a_core.errors import PluginError, SpecError
 from n2a_core.kinds import KINDS
 from n2a_core.plugins import Registry, get_registry
+from n2a_core.seeds import Seed
 from n2a_core.spec_errors import format_validation_error
 
 # -- training sections -------------------------------------------------------------------
@@ -101,14 +103,21 @@ class DiffusionTrainingSpec(OptimSpec):
 class RunSpecBase(N2ASpec):
     """The run spec. Component fields are added per registry by `run_spec_model`."""
 
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] | str = "auto"
-    """'auto' picks CUDA when available."""
+    seed: Seed = 0
+    """Seed of the initial weights and of every random stream in training (0..2**32-1)."""
+    device: str = "auto"
+    """auto (CUDA, else Apple's MPS, else the CPU), cpu, cuda, cuda:N or mps."""
     autoencoder_weights: str | None = None
     """A trained autoencoder: a run folder or a weights.safetensors file (None: stage 1
     trains in this run). Its spec must match the `autoencoder` section."""
     autoencoder_training: AutoencoderTrainingSpec = Field(default_factory=AutoencoderTrainingSpec)
     training: DiffusionTrainingSpec = Field(default_factory=DiffusionTrainingSpec)
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, name: str) -> str:
+        check_device_name(name)
+        return name
 
     if TYPE_CHECKING:  # type checkers cannot see the fields run_spec_model adds (one per kind)
         def __getattr__(self, name: str) -> Any: ...
@@ -165,7 +174,13 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: spec file not found")
-    text = path.read_text()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x}); "
+                        "save the spec as UTF-8 YAML, TOML or JSON") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read the spec file ({exc.strerror or exc})") from None
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
@@ -174,7 +189,8 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
         else:
             data = yaml.safe_load(text)
     except Exception as exc:  # every parser has its own error type
-        raise SpecError(f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {str(exc).splitlines()[0]}") from None
+        language = {".toml": "TOML", ".json": "JSON"}.get(path.suffix, "YAML")
+        raise SpecError(f"{path}: not valid {language}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -190,7 +206,7 @@ def apply_set(data: dict[str, Any], assignment: str) -> None:
     parts = key.strip().split(".")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except Exception:  # not YAML (or an int too long to convert): take the text as it is
         value = raw
     node = data
     for part in parts[:-1]:
@@ -240,9 +256,13 @@ def resolve_run_spec(
         if isinstance(section, dict) and "type" not in section and KINDS[kind].default:
             section["type"] = KINDS[kind].default
         if isinstance(section, dict) and "type" in section:
+            name = section["type"]
+            if not isinstance(name, str):
+                raise SpecError(f"{kind}.type: expected a plugin name, got {type(name).__name__} {name!r}; "
+                                f"installed: {', '.join(registry.names(kind)) or 'none'}")
             try:
-                registry.get(kind, section["type"])
-            except Exception as exc:
+                registry.get(kind, name)
+            except PluginError as exc:
                 raise SpecError(f"{kind}.type: {str(exc).split(': ', 1)[1]}") from None
     model = run_spec_model(registry)
     try:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from n2a_core import Chain, Sampler, SamplerSpec, hookimpl
 
@@ -131,9 +131,16 @@ class DPMPP2MSpec(_ScheduleSamplerSpec):
     type: Literal["dpmpp-2m"] = "dpmpp-2m"
     steps: int = Field(20, ge=1)
     """Denoiser evaluations; 10-25 is the solver's sweet spot."""
-    lower_order_final: bool = True
-    """Take the second-to-last step first-order too when steps < 15 (Lu et al.'s reference
-    code; steadier with few steps). The last step, onto clean data, is always first-order."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_lower_order_final(cls, data):
+        # Specs written before the last step was the only first-order one may still name
+        # `lower_order_final`; it now has nothing to choose (see DPMSolverPP2MSampler), so
+        # their run folders keep loading and resuming.
+        if isinstance(data, dict) and "lower_order_final" in data:
+            data = {k: v for k, v in data.items() if k != "lower_order_final"}
+        return data
 
 
 class DPMSolverPP2MSampler(_ScheduleSampler):
@@ -143,12 +150,14 @@ class DPMSolverPP2MSampler(_ScheduleSampler):
     r_i = h_{i-1} / h_i:
         z_i = (sigma_i / sigma_{i-1}) z_{i-1} - alpha_i (e^{-h_i} - 1) D_i,
         D_i = (1 + 1/(2 r_i)) x0_{i-1} - 1/(2 r_i) x0_{i-2}   (D_i = x0_{i-1} on first-order steps).
-    A first-order step is DDIM with eta = 0 written in lambda.
+    A first-order step is DDIM with eta = 0 written in lambda. Two steps are first-order: the
+    first (no history yet) and the last, onto clean data. That last one is what Lu et al.'s
+    reference code (`lower_order_final`) and diffusers (`final_sigmas_type="zero"`) do; every
+    step between is second-order, with any number of steps.
     """
 
-    def __init__(self, steps=20, lower_order_final=True, **common):
+    def __init__(self, steps=20, **common):
         super().__init__(steps, **common)
-        self.lower_order_final = lower_order_final
 
     def solve(self, chain: Chain) -> torch.Tensor:
         n, ab = len(chain), chain.alpha_bar
@@ -158,15 +167,10 @@ class DPMSolverPP2MSampler(_ScheduleSampler):
         h = lam[1:] - lam[:-1]
         c_z = (sigma[1:] / sigma[:-1]).float()
         c_d = (-alpha[1:] * torch.expm1(-h)).float()
-        # 2. D = w_now x0_now + w_prev x0_prev; r uses the previous step's h.
+        # 2. D = w_now x0_now + w_prev x0_prev, r from the previous step's h (entry 0 is unused:
+        #    the first step has no x0_prev and takes D = x0).
         r = torch.cat([h.new_ones(1), h[:-1] / h[1:]]) if n > 1 else h
-        w_now, w_prev = 1 + 1 / (2 * r), -1 / (2 * r)
-        first_order = torch.zeros(max(n - 1, 0), dtype=torch.bool, device=ab.device)
-        first_order[:1] = True  # no history at the first step
-        if self.lower_order_final and n < 15 and n >= 2:
-            first_order[-1] = True
-        w_now = torch.where(first_order, torch.ones_like(w_now), w_now).float()
-        w_prev = torch.where(first_order, torch.zeros_like(w_prev), w_prev).float()
+        w_now, w_prev = (1 + 1 / (2 * r)).float(), (-1 / (2 * r)).float()
 
         z, x0_prev = chain.z, None
         for i in range(n):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import types
+import typing
 
 import pytest
 import typer
@@ -27,6 +28,18 @@ def n2a(monkeypatch):
     tests do not depend on which other plugins exist yet.
     """
     monkeypatch.setenv("N2A_LOAD_PLUGINS", "schedules")
+    set_registry(None)
+    runner = CliRunner()
+    try:
+        yield lambda *args: runner.invoke(create_app(), list(args))
+    finally:
+        set_registry(None)
+
+
+@pytest.fixture
+def n2a_all(monkeypatch):
+    """`n2a ARGS...` in-process with every installed plugin (what the quickstart preset names)."""
+    monkeypatch.delenv("N2A_LOAD_PLUGINS", raising=False)
     set_registry(None)
     runner = CliRunner()
     try:
@@ -105,11 +118,13 @@ def test_a_broken_plugin_shows_as_error_and_does_not_break_list_plugins(n2a, mon
 
 
 # -- spec show ------------------------------------------------------------------------------
-def test_spec_show_unknown_plugin_is_one_line_with_a_suggestion(n2a):
+def test_spec_show_unknown_plugin_is_one_line_with_a_suggestion(n2a_all):
+    n2a = n2a_all
     assert_one_line_user_error(n2a("spec", "show", "--schedule", "cosin"), "schedule.type", "'cosine'")
 
 
-def test_spec_show_unknown_key_and_bad_value(n2a):
+def test_spec_show_unknown_key_and_bad_value(n2a_all):
+    n2a = n2a_all
     assert_one_line_user_error(n2a("spec", "show", "--set", "schedule.num_timestep=10"),
                                "schedule.num_timestep", "did you mean 'num_timesteps'")
     assert_one_line_user_error(n2a("spec", "show", "-s", "schedule.num_timesteps=0"),
@@ -122,7 +137,8 @@ def test_spec_show_missing_config_is_one_line(n2a, tmp_path):
                                "missing.yaml", "not found")
 
 
-def test_spec_show_applies_set_and_kind(n2a):
+def test_spec_show_applies_set_and_kind(n2a_all):
+    n2a = n2a_all
     result = n2a("spec", "show", "--set", "schedule.num_timesteps=10")
     assert result.exit_code == 0, result.output
     assert yaml.safe_load(result.stdout)["schedule"] == {"type": "cosine", "num_timesteps": 10,
@@ -172,3 +188,84 @@ def test_the_core_commands_exist_and_spec_show_offers_every_kind(n2a):
         assert path in paths
     help_text = n2a("spec", "show", "--help").stdout
     assert all(f"--{kind}" in help_text for kind in KINDS)
+
+
+# -- hardening: what a careless argument must never do ---------------------------------------
+def float_options() -> list[tuple[list[str], str]]:
+    """(command path, option) for every float option of every command (found, not listed)."""
+    found = []
+
+    def walk(command, prefix):
+        for name, sub in getattr(command, "commands", {}).items():
+            walk(sub, [*prefix, name])
+        for param in getattr(command, "params", []):
+            annotation = param.type_descriptor.annotation
+            if float in (annotation, *typing.get_args(annotation)) and param.opts[0].startswith("--"):
+                found.append((prefix, param.opts[0]))
+
+    walk(typer.main.get_command(create_app()), [])
+    return found
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e400"])
+def test_every_float_option_refuses_non_finite_numbers(n2a, value):
+    options = float_options()
+    assert (["sample"], "--guidance") in options
+    for path, option in options:
+        result = n2a(*path, f"{option}={value}")
+        assert result.exit_code == 2 and option in result.output, (path, option, result.output)
+        # -inf and nan may meet a lower bound first; inf passes every lower bound
+        assert value not in ("inf", "1e400") or "finite number" in result.output, result.output
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296", "99999999999999999999"])
+def test_sample_seed_out_of_range_is_a_usage_error(n2a, seed):
+    result = n2a("sample", "--seed", seed)
+    assert result.exit_code == 2 and "--seed" in result.output and "Traceback" not in result.output
+
+
+def test_sample_seeds_of_all_images_must_be_in_range(n2a, tmp_path):
+    """Image i uses seed + i: the last one must still be a valid seed (checked before the run is read)."""
+    assert_one_line_user_error(n2a("sample", str(tmp_path), "--seed", "4294967295", "--n", "2"),
+                               "--seed", "at most 4294967294")
+
+
+def test_markup_in_user_input_is_printed_as_text(n2a_all):
+    assert_one_line_user_error(n2a_all("spec", "show", "--set", "[/x]=1"), "[/x]: unknown key")
+    result = n2a_all("spec", "show", "--set", "training.preview_captions=[\"[/b] a [red]cat\"]")
+    assert result.exit_code == 0 and '"[/b] a [red]cat"' in result.stdout.replace("'", '"'), result.output
+
+
+def test_a_bad_device_is_one_line(n2a_all, tmp_path):
+    assert_one_line_user_error(n2a_all("spec", "show", "--set", "device=gpu"), "device: unknown device 'gpu'")
+    from n2a_core.device import resolve_device
+    from n2a_core.errors import SpecError
+
+    for name, words in (("mps", "MPS backend is not available"), ("cuda:0", "CUDA is not available"),
+                        ("meta", "unknown device"), ("cuda:x", "unknown device")):
+        with pytest.raises(SpecError, match=words):
+            resolve_device(name)
+
+
+def test_auto_picks_cuda_then_mps_then_cpu(monkeypatch):
+    import torch
+
+    from n2a_core.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("mps") and resolve_device("mps") == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+
+
+def test_a_plugin_allow_list_naming_nothing_installed_warns(monkeypatch, caplog):
+    monkeypatch.setenv("N2A_LOAD_PLUGINS", "schedule,samplers")
+    with caplog.at_level("WARNING", logger="n2a_core.plugins"):
+        registry = load_plugins()
+    assert registry.names("sampler") and not registry.names("schedule")
+    [message] = [r.getMessage() for r in caplog.records]
+    assert "N2A_LOAD_PLUGINS: no plugin 'schedule' is installed (did you mean 'schedules'?)" in message
+    assert "installed: " in message and "schedules" in message.split("installed: ")[1]

@@ -76,6 +76,25 @@ def test_sample_with_prompt_guidance_and_metadata(caption_run, tmp_path):
     assert Image.open(out / "grid.png").size[0] >= 32
 
 
+def strict_records(path) -> list[dict]:
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def test_records_say_what_was_used_in_strict_json(caption_run, tmp_path):
+    """No prompt: no guidance is applied, so none is recorded; the steps are the sampler's own."""
+    result = invoke("sample", str(caption_run), "--n", "2", "--out", str(tmp_path / "s"))
+    assert result.exit_code == 0, result.output
+    records = strict_records(tmp_path / "s" / "samples.jsonl")
+    assert [(r["guidance"], r["steps"], r["condition"]) for r in records] == [(0.0, 50, ""), (0.0, 50, "")]
+    assert json.loads(Image.open(tmp_path / "s" / "0000-seed0.png").text["n2a"])["steps"] == 50
+    assert {r["steps"] for r in strict_records(caption_run / "samples" / "final" / "samples.jsonl")} == {50}
+    assert strict_records(caption_run / "diffusion" / "metrics.jsonl")
+    assert strict_records(caption_run / "autoencoder" / "metrics.jsonl")
+
+
 def test_same_seed_same_image_whatever_the_batch(caption_run, tmp_path):
     from n2a_core.generate import generate, load_run
 

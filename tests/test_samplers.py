@@ -27,7 +27,7 @@ import n2a_core.sampler as sampler_core
 from n2a_core import Denoiser, NoiseSchedule, get_registry
 from n2a_core.errors import N2AError
 from n2a_core.sampler import generators_for_seeds, guided_prediction, spaced_timesteps, to_epsilon_and_x0
-from n2a_plugins.samplers import DDIMSampler, DDPMSampler, DPMSolverPP2MSampler
+from n2a_plugins.samplers import DDIMSampler, DDPMSampler, DPMPP2MSpec, DPMSolverPP2MSampler
 from n2a_plugins.schedules import CosineSchedule, LinearSchedule
 
 
@@ -269,6 +269,83 @@ def test_more_steps_converge(monkeypatch):
     for sampler in (DDIMSampler(min_log_snr=None), DPMSolverPP2MSampler(min_log_snr=None)):
         errors = [w2(*exact_law(sampler, oracle, schedule, n, monkeypatch), *target) for n in (5, 10, 20, 50)]
         assert all(b < a for a, b in zip(errors, errors[1:], strict=False)), (type(sampler).__name__, errors)
+
+
+PREDICTION_NAMES_IN_DIFFUSERS = {"epsilon": "epsilon", "v": "v_prediction", "sample": "sample"}
+
+
+@pytest.mark.parametrize("steps", [5, 10, 14, 20])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v", "sample"])
+def test_dpmpp_2m_matches_diffusers(prediction_type, steps):
+    """The same chain as diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2, landing
+    on clean data), below and above its 15-step lower_order_final threshold: only the last
+    step is first-order. The linear schedule keeps z0 from epsilon well conditioned in float32
+    from t = T-1 (the cosine one divides by sqrt(alpha_bar) = 5e-5 there)."""
+    # diffusers is in the dev extra, so CI and the README's test command run this; the skip
+    # only spares a bare `pip install -e .` checkout that never asked for the reference.
+    diffusers = pytest.importorskip("diffusers")
+    schedule = SCHEDULES["linear"]
+    oracle = GaussianOracle(schedule, 0.7, 0.5, prediction_type)
+    scheduler = diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=schedule.num_timesteps, trained_betas=schedule.betas.numpy(),
+        algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero", timestep_spacing="trailing",
+        prediction_type=PREDICTION_NAMES_IN_DIFFUSERS[prediction_type])
+    scheduler.set_timesteps(steps)
+    z_T = torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    expected = z_T.clone()
+    for t in scheduler.timesteps:
+        expected = scheduler.step(oracle(expected, t.expand(64).float()), t, expected).prev_sample
+    sampler = DPMSolverPP2MSampler(min_log_snr=None, timestep_spacing="trailing")
+    got = sampler.sample(oracle, schedule, z_T.shape, steps=steps, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(spaced_timesteps(schedule.num_timesteps, steps, "trailing"), scheduler.timesteps)
+    assert (got - expected).abs().max() < 1e-5, (got - expected).abs().max()
+
+
+def test_dpmpp_2m_specs_naming_lower_order_final_still_load():
+    """Run folders written when `lower_order_final` was a field still sample and resume."""
+    spec = get_registry().validate_spec("sampler", {"type": "dpmpp-2m", "steps": 8, "lower_order_final": True})
+    assert spec.params() == DPMPP2MSpec().model_copy(update={"steps": 8}).params()
+
+
+def dpmpp_2m_reference(oracle, schedule, ts, z, first_order_steps):
+    """Lu et al. 2022, Algorithm 2, step by step in float64 for an x0-predicting `oracle`;
+    steps in `first_order_steps` (and the first) take D = x0. The last lands on clean data."""
+    alpha_bar = schedule.alpha_bar(ts)
+    alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    lam = alpha.log() - sigma.log()
+    x0_prev, h_prev = None, None
+    for i, t in enumerate(ts.tolist()):
+        x0 = oracle(z, torch.full((z.shape[0],), float(t))).double()
+        if i == len(ts) - 1:
+            return x0
+        h = lam[i + 1] - lam[i]
+        if x0_prev is None or i in first_order_steps:
+            D = x0
+        else:
+            r = h_prev / h
+            D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
+        z = sigma[i + 1] / sigma[i] * z - alpha[i + 1] * torch.expm1(-h) * D
+        x0_prev, h_prev = x0, h
+
+
+@pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
+def test_dpmpp_2m_second_order_to_the_last_step_is_closer_to_the_exact_ode(schedule_name, monkeypatch):
+    """At 5-14 steps, taking the second-to-last step first-order too (what n2a once did below
+    15 steps) moves the result further from the exact ODE's law: 1.03-1.5x (linear) and
+    1.2-3.1x (cosine) the W2 error of the reference's choice, which n2a now makes."""
+    schedule, mu, s = SCHEDULES[schedule_name], 0.7, 0.5
+    oracle, target = GaussianOracle(schedule, mu, s, "sample"), ode_target(schedule, mu, s)
+    sampler = DPMSolverPP2MSampler(min_log_snr=None)
+    z = torch.tensor([0.0, 1.0], dtype=torch.float64).view(2, 1, 1, 1)  # affine: z=0 -> mean, z=1 -> mean + std
+    for steps in range(5, 15):
+        ts = spaced_timesteps(schedule.num_timesteps, steps, sampler.timestep_spacing)
+        laws = {}
+        for name, first_order in (("final only", ()), ("last two", (steps - 2,))):
+            out = dpmpp_2m_reference(oracle, schedule, ts, z, first_order).flatten()
+            laws[name] = float(out[0]), float(out[1] - out[0])
+        n2a = exact_law(sampler, oracle, schedule, steps, monkeypatch)
+        assert w2(*n2a, *laws["final only"]) < 1e-5, (steps, n2a, laws)  # the reference is n2a's chain
+        assert w2(*laws["final only"], *target) < w2(*laws["last two"], *target), (steps, laws, target)
 
 
 def test_ddim_eta1_is_the_ddpm_posterior():

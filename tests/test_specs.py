@@ -15,11 +15,12 @@ import types
 from typing import Literal
 
 import pytest
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from n2a_core import ComponentSpec, hookimpl
 from n2a_core.errors import SpecError
 from n2a_core.plugins import PluginSource, load_plugins, set_registry
+from n2a_core.seeds import SEED_MAX
 from n2a_core.specs import apply_set, choose_plugin, load_run_spec, read_spec_file, resolve_run_spec, run_spec_model
 
 
@@ -105,6 +106,57 @@ def test_bad_value_names_field_value_and_bound(registry, override, field, got, b
     message = one_line_error(overrides=[override])
     assert message.startswith(f"{field}: ")
     assert got in message and bound in message
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+@pytest.mark.parametrize("field", ["training.lr", "autoencoder_training.weight_decay", "schedule.max_beta",
+                                   "schedule.gamma"])
+def test_no_float_field_takes_nan_or_infinity(registry, field, value):
+    """Built-in sections, a built-in plugin and a third-party plugin ('fancy') alike."""
+    data = {"schedule": {"type": "fancy"}} if field.startswith("schedule.gamma") else {}
+    message = one_line_error(data=data, overrides=[f"{field}={value}"])
+    assert message.startswith(f"{field}: ") and "finite number" in message
+
+
+def test_every_spec_class_refuses_non_finite_floats_through_the_base(registry):
+    """One mechanism: the config of the base class every spec inherits."""
+    model = run_spec_model(registry)
+    sections = [model, *(f.annotation for f in model.model_fields.values() if isinstance(f.annotation, type))]
+    specs = [c.spec for c in registry.all()] + [c for c in sections if issubclass(c, BaseModel)]
+    assert FancyScheduleSpec in specs and len(specs) >= 6
+    assert all(spec.model_config["allow_inf_nan"] is False for spec in specs)
+
+
+@pytest.mark.parametrize(("name", "text"), [
+    ("run.json", '{"training": {"lr": NaN}}'),
+    ("run.json", '{"training": {"lr": Infinity}}'),
+    ("run.toml", "[training]\nlr = inf\n"),
+    ("run.yaml", "training: {lr: .nan}\n"),
+])
+def test_non_finite_numbers_in_any_file_format_are_refused(registry, tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(SpecError, match=r"^training\.lr: Input should be a finite number"):
+        load_run_spec(tmp_path / name)
+
+
+@pytest.mark.parametrize(("override", "field"), [
+    ("seed=4294967296", "seed"), ("seed=-1", "seed"), ("seed=99999999999999999999", "seed"),
+])
+def test_seeds_are_bounded(registry, override, field):
+    message = one_line_error(overrides=[override])
+    assert message.startswith(f"{field}: ")
+    assert resolve_run_spec({}, overrides=[f"{field}={SEED_MAX}"]).seed == SEED_MAX
+
+
+def test_an_integer_too_long_to_convert_is_one_line(registry):
+    message = one_line_error(overrides=["seed=1" + "0" * 5000])
+    assert message.startswith("seed: ") and len(message) < 200
+
+
+def test_a_device_name_torch_cannot_run_is_refused_in_the_spec(registry):
+    expected = "device: unknown device 'tpu'; use auto, cpu, cuda, cuda:N or mps"
+    assert one_line_error(overrides=["device=tpu"]) == expected
+    assert resolve_run_spec({}, overrides=["device=mps"]).device == "mps"  # may be run on another machine
 
 
 def test_cross_field_rule_names_its_section(registry):
@@ -235,9 +287,9 @@ def test_no_file_means_the_defaults(registry, tmp_path):
 
 
 @pytest.mark.parametrize(("name", "text", "what"), [
-    ("bad.yaml", "schedule: [unclosed\n", "not valid yaml"),
-    ("bad.toml", "schedule = {\n", "not valid toml"),
-    ("bad.json", '{"seed": 1,', "not valid json"),
+    ("bad.yaml", "schedule: [unclosed\n", "not valid YAML"),
+    ("bad.toml", "schedule = {\n", "not valid TOML"),
+    ("bad.json", '{"seed": 1,', "not valid JSON"),
     ("list.yaml", "- 1\n- 2\n", "expected a mapping of spec fields, got list"),
 ])
 def test_a_broken_file_gives_one_line_naming_the_file(tmp_path, name, text, what):
@@ -247,6 +299,16 @@ def test_a_broken_file_gives_one_line_naming_the_file(tmp_path, name, text, what
         read_spec_file(path)
     message = str(info.value)
     assert message.startswith(f"{path}: ") and what in message and "\n" not in message
+
+
+@pytest.mark.parametrize("content", [b"seed: 1\n# caf\xe9\n", b"\xff\xfeseed: 1", b"\x89PNG\r\n\x1a\n\x00\x00"])
+def test_a_file_that_is_not_utf8_is_one_line_naming_it(tmp_path, content):
+    path = tmp_path / "spec.yaml"
+    path.write_bytes(content)
+    with pytest.raises(SpecError) as info:
+        read_spec_file(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: not UTF-8 text") and "\n" not in message
 
 
 def test_a_missing_file_is_named(tmp_path):

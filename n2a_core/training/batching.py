@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from n2a_core import strict_json
 from n2a_core.data_source import DataSource, DataSourceSpec, Record
 from n2a_core.errors import CheckpointError, DataError
 from n2a_core.images import IMAGE_ERRORS, image_to_tensor
@@ -88,7 +89,7 @@ class LabelVocabulary:
         return isinstance(other, LabelVocabulary) and self.labels == other.labels
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps({"labels": self.labels}, indent=1, ensure_ascii=False) + "\n")
+        Path(path).write_text(strict_json.dumps({"labels": self.labels}, indent=1, ensure_ascii=False) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LabelVocabulary:

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
+from n2a_core import strict_json
 from n2a_core.autoencoder import Autoencoder
 from n2a_core.safe_files import temp_path, write_atomic
 from n2a_core.training.batching import report_skipped
@@ -101,7 +102,7 @@ def _write(path_dir: Path, key: str, latents: torch.Tensor, flipped: torch.Tenso
         tensors["flipped"] = flipped.contiguous()
     tmp = temp_path(tensors_path)
     save_file(tensors, str(tmp))
-    write_atomic(meta_path, json.dumps(meta))
+    write_atomic(meta_path, strict_json.dumps(meta))
     os.replace(tmp, tensors_path)  # the tensors last: their presence marks a complete cache
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from n2a_core import strict_json
 from n2a_core.checkpoint import (
     load_checkpoint,
     load_latest_checkpoint,
@@ -349,7 +350,7 @@ class TrainingLoop:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(strict_json.dumps(record) + "\n")
 
     def run(self, max_steps: int | None = None) -> int:
         """Train until `max_steps` (default spec.max_steps); checkpoint on the way and at the end.

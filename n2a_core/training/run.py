@@ -236,7 +236,7 @@ def train_autoencoder_stage(s: Session, max_steps: int | None = None) -> None:
     if dist.is_main:
         calibration = preview_images(s.splits.train, 64)
         scale = export_autoencoder(ae, calibration.to(s.device), s.run.autoencoder_weights, digest)
-        console.print(f"stage 1 done: {s.run.autoencoder_weights} (latent scale {scale:.4f})")
+        console.print(f"stage 1 done: {s.run.autoencoder_weights} (latent scale {scale:.4f})", markup=False)
     dist.barrier()
 
 

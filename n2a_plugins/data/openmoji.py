@@ -207,7 +207,7 @@ def render_all(size: int, root: Path) -> Path:
         if not rendered:
             raise DataError(f"data (openmoji): every glyph of {font} rendered blank; is Pillow built with FreeType?")
         # Only what was drawn is cached; labels and captions come from the code points at read time.
-        (work / "index.json").write_text(json.dumps({"rendered": rendered, "skipped": skipped}))
+        (work / "index.json").write_text(json.dumps({"rendered": rendered, "skipped": skipped}, allow_nan=False))
         try:
             work.rename(final)  # another process may have finished first: keep its copy
         except OSError:
