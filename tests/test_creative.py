@@ -225,11 +225,11 @@ def test_a_negative_equal_to_the_null_token_is_plain_guidance(name):
 # -- plain sampling is unchanged --------------------------------------------------------------
 def test_plain_sampling_matches_the_samplers_before_the_chain_moved_to_the_core():
     """Outputs saved from commit f919659 (samplers with their own loops) for every built-in
-    sampler, prediction type, guidance and clip; the refactor must not move them."""
+    sampler, prediction type, guidance and clip; the refactor must not move them. (DPM-Solver++
+    at 20 steps only: below 15 its second-to-last step has been second-order since 65e3735.)"""
     golden = torch.load(Path(__file__).parent / "data" / "plain_sampling_f919659.pt")
     makers = {"ddpm": lambda **k: DDPMSampler(steps=30, **k), "ddim": lambda **k: DDIMSampler(steps=20, **k),
               "ddim-eta": lambda **k: DDIMSampler(steps=20, eta=0.7, **k),
-              "dpm": lambda **k: DPMSolverPP2MSampler(steps=12, **k),
               "dpm20": lambda **k: DPMSolverPP2MSampler(steps=20, **k)}
     torch.manual_seed(0)
     toy = ToyConditional()
