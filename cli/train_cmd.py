@@ -17,8 +17,17 @@ from n2a_core import strict_json
 
 OutOption = Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (default: runs/<preset>-<time>).",
                                                  show_default=False)]
-MaxStepsOption = Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.", min=1,
-                                                    show_default=False)]
+MaxStepsOption = Annotated[int | None, typer.Option(
+    help="Stop each stage (autoencoder, then diffusion) after this many optimizer steps, e.g. 3 for a smoke "
+         "test. The learning-rate schedules still follow the spec's max_steps, so --resume without this flag "
+         "continues the run to them.", min=1, show_default=False)]
+AutoencoderMaxStepsOption = Annotated[int | None, typer.Option(
+    "--max-steps", help="Stop stage 1 after this many optimizer steps (the learning-rate schedule still follows "
+                        "autoencoder_training.max_steps).", min=1, show_default=False)]
+TimeBudgetOption = Annotated[str | None, typer.Option(
+    "--time-budget", help="Train for this long instead of to max_steps, e.g. 30m, 2h, 1h30m (sets the spec's "
+    "time_budget): stage 1 gets autoencoder_time_share (default 0.4) of it, stage 2 the rest; learning-rate and "
+    "EMA schedules follow the fraction used; --resume counts the time already spent.", show_default=False)]
 ResumeOption = Annotated[bool, typer.Option("--resume",
                                               help="Continue the run in --out (default: newest under runs/).")]
 
@@ -65,6 +74,7 @@ def train(
     overrides: SetOption = None,
     out: OutOption = None,
     max_steps: MaxStepsOption = None,
+    time_budget: TimeBudgetOption = None,
     resume: ResumeOption = False,
     preset: PresetOption = "quickstart",
     **plugins: str | None,
@@ -76,6 +86,8 @@ def train(
     """
     from n2a_core.training.run import train_run
 
+    if time_budget is not None:
+        overrides = [*(overrides or []), f"time_budget={time_budget}"]
     with user_errors():
         spec, out_dir = _run_spec_and_folder(config, overrides, plugins, preset, out, resume)
         started = time.perf_counter()
@@ -118,7 +130,7 @@ def train_autoencoder(
     config: ConfigOption = None,
     overrides: SetOption = None,
     out: OutOption = None,
-    max_steps: MaxStepsOption = None,
+    max_steps: AutoencoderMaxStepsOption = None,
     resume: ResumeOption = False,
     preset: PresetOption = "quickstart",
     **plugins: str | None,
@@ -128,7 +140,7 @@ def train_autoencoder(
 
     with user_errors():
         spec, out_dir = _run_spec_and_folder(config, overrides, plugins, preset, out, resume)
-        with prepare_run(spec, out_dir, resume=resume) as session:  # holds the run's lock
+        with prepare_run(spec, out_dir, resume=resume, stage2=False) as session:  # holds the run's lock
             train_autoencoder_stage(session, max_steps)
 
 

@@ -76,6 +76,8 @@ class CheckpointState(BaseModel):
     ranks: list[dict[str, Any]] = []
     tensors_sha256: str | None = None
     """sha256 of tensors.safetensors (checkpoints written before it have none)."""
+    spent_s: float = Field(0.0, ge=0)
+    """Seconds the stage had trained, over all its processes (a time budget counts them)."""
 
 
 def validate_state(path: Path, text: str) -> dict[str, Any]:

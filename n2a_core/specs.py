@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -112,6 +113,20 @@ class RunSpecBase(N2ASpec):
     trains in this run). Its spec must match the `autoencoder` section."""
     autoencoder_training: AutoencoderTrainingSpec = Field(default_factory=AutoencoderTrainingSpec)
     training: DiffusionTrainingSpec = Field(default_factory=DiffusionTrainingSpec)
+    time_budget: float | None = Field(None, gt=0, allow_inf_nan=False)
+    """Train for this long instead of to the stages' max_steps: seconds, or a string such as
+    '30m', '2h', '1h30m', '90s'. Learning-rate warm-up and decay, EMA warm-up and the
+    discriminator start then follow the fraction of the budget used (max_steps only gives
+    their shape); each stage ends with a checkpoint and its grids when its share is spent,
+    and --resume counts the time already spent. None: steps, as before."""
+    autoencoder_time_share: float = Field(0.4, gt=0, lt=1)
+    """Stage 1's share of time_budget; stage 2 gets the rest (all of it when the autoencoder
+    is given). 0.4 is the quickstart's measured split (7 of 18 minutes)."""
+
+    @field_validator("time_budget", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return parse_duration(value) if isinstance(value, str) else value
 
     @field_validator("device")
     @classmethod
@@ -125,20 +140,37 @@ class RunSpecBase(N2ASpec):
     def component(self, kind: str) -> ComponentSpec | None:
         return getattr(self, kind)
 
-    def digest(self, *fields: str) -> str:
+    def digest(self, *fields: str, operational: frozenset[str] | None = None) -> str:
         """A short stable hash of the given fields (all when none), for cache keys and
-        checkpoint checks. Operational fields (step counts, logging cadence) are left out,
-        so a run can be resumed for longer or logged differently."""
-        data = _without(self.model_dump(mode="json", include=set(fields) if fields else None), OPERATIONAL_FIELDS)
+        checkpoint checks. Operational fields (step counts, batch sizes, logging cadence) are
+        left out, so a run can be resumed for longer, with another batch or logged differently.
+        `operational`: another set to leave out (FORMER_OPERATIONAL_FIELDS for old checkpoints)."""
+        data = _without(self.model_dump(mode="json", include=set(fields) if fields else None),
+                        OPERATIONAL_FIELDS if operational is None else operational)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in '90', '90s', '30m', '2h', '1h30m' or '1.5h'."""
+    parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*",
+                         text.lower())
+    if not text.strip() or parts is None or not any(parts.groups()):
+        raise ValueError(f"{text!r} is not a duration; write e.g. 90s, 30m, 2h or 1h30m")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in parts.groups())
+    return hours * 3600 + minutes * 60 + seconds
 
 
 OPERATIONAL_FIELDS = frozenset({
     "max_steps", "log_every", "sample_every", "checkpoint_every", "keep_last", "num_workers",
     "val_every", "val_batches", "sample_steps", "preview_captions", "preview_labels", "preview_guidance", "device",
-    # the global batch is fixed; how it is split (processes x accumulation) may change on resume
-    "grad_accum",
+    # how the global batch is split (processes x accumulation) and its size may change on
+    # resume (an error may ask for it); a resume with another batch size is no longer exact
+    "grad_accum", "batch_size",
+    "time_budget", "autoencoder_time_share",
 })
+FORMER_OPERATIONAL_FIELDS = OPERATIONAL_FIELDS - {"batch_size"}
+"""What digests left out before batch sizes could change on resume: checkpoints written
+then carry digests with them, and still resume."""
 
 
 def _without(data: Any, keys: frozenset[str]) -> Any:

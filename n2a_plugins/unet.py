@@ -323,8 +323,9 @@ class UNet(Denoiser):
         B, factor = z_t.shape[0], 2 ** (self.num_levels - 1)
         if z_t.shape[2] % factor or z_t.shape[3] % factor:
             raise SpecError(f"unet: latent size {tuple(z_t.shape[2:])} is not divisible by {factor} "
-                            f"(2^(levels-1) for {self.num_levels} channel_mult levels); change the latent "
-                            "size or use fewer levels")
+                            f"(2^(levels-1) for {self.num_levels} denoiser.channel_mult levels); choose "
+                            f"data.image_size so that image_size / the autoencoder's f is a multiple of {factor}, "
+                            "or use fewer denoiser.channel_mult levels")
         if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != B):
             raise SpecError(f"unet: t must hold one timestep per sample (shape ({B},)), got {tuple(t.shape)}")
         if drop is not None and tuple(drop.shape) != (B,):

@@ -25,7 +25,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from n2a_core.checkpoint import latest_checkpoint, load_checkpoint
-from n2a_core.errors import CheckpointError, SpecError
+from n2a_core.errors import SpecError
 from n2a_core.specs import DiffusionTrainingSpec, OptimSpec
 from n2a_core.training import distributed
 from n2a_core.training.batching import BatchStream, RankBlocks
@@ -441,10 +441,14 @@ def test_rank_blocks_drop_an_incomplete_run_on_every_rank():
     assert got == [[0, 1, 4, 5], [2, 3, 6, 7]]  # 8..10 do not fill a run of 4: nobody takes them
 
 
-def test_restore_refuses_a_position_inside_a_micro_batch_and_reads_old_positions():
+def test_restore_inside_a_micro_batch_goes_back_to_its_start_and_reads_old_positions(caplog):
+    """A batch size changed on resume leaves the saved position inside a micro-batch."""
     data = Ints(40)
-    with pytest.raises(CheckpointError, match="not a whole number of micro-batches of 8"):
-        BatchStream(data, 4, seed=0, world_size=2).restore({"epoch": 0, "samples": 12})
+    stream = BatchStream(data, 4, seed=0, world_size=2)
+    with caplog.at_level("WARNING", logger="n2a_core"):
+        stream.restore({"epoch": 1, "samples": 12})
+    assert stream.position == {"epoch": 1, "samples": 8}
+    assert "epoch 1 continues from sample 8, not 12" in caplog.text
     old = BatchStream(data, 4, seed=0)
     old.restore({"epoch": 2, "batch": 3})  # written by a one-process run before "samples"
     assert old.position == {"epoch": 2, "samples": 12}

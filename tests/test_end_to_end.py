@@ -123,7 +123,8 @@ def test_existing_run_is_not_overwritten(caption_run):
 def test_resumed_pipeline_matches_uninterrupted(tmp_path):
     """Stage 2 stopped at step 2 and resumed to 4 equals a run that went to 4 directly."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = sets("training.p_uncond=0.3", "denoiser.dropout=0.1")
+    # Stage 1 ends at 2 in both runs, so --max-steps 2 stops only stage 2 early.
+    common = sets("training.p_uncond=0.3", "denoiser.dropout=0.1", "autoencoder_training.max_steps=2")
     assert invoke("train", "--conditioner", "class-label", "--out", str(straight), *common).exit_code == 0
     first = invoke("train", "--conditioner", "class-label", "--out", str(resumed), "--max-steps", "2", *common)
     assert first.exit_code == 0, first.output
@@ -135,6 +136,79 @@ def test_resumed_pipeline_matches_uninterrupted(tmp_path):
     for group in ("module.model", "stage.ema"):
         for name, tensor in a[group].items():
             assert torch.equal(tensor, b[group][name]), f"{group}/{name}"
+
+
+def test_max_steps_caps_both_stages_and_resume_goes_on_to_the_spec(tmp_path):
+    """`n2a train --max-steps 1` is a smoke test: one step of each stage, not all of stage 1."""
+    out = tmp_path / "smoke"
+    result = invoke("train", "--conditioner", "none", "--out", str(out), "--max-steps", "1", *sets())
+    assert result.exit_code == 0, result.output
+    assert latest_checkpoint(out / "autoencoder" / "checkpoints").name == "step-00000001"
+    assert (out / "autoencoder" / "weights.safetensors").is_file()
+    assert latest_checkpoint(out / "diffusion" / "checkpoints").name == "step-00000001"
+    again = invoke("train", "--out", str(out), "--resume", *sets())
+    assert again.exit_code == 0, again.output
+    assert "stage 1 continues although stage 2 has started" in again.output
+    assert latest_checkpoint(out / "autoencoder" / "checkpoints").name == "step-00000004"
+    assert latest_checkpoint(out / "diffusion" / "checkpoints").name == "step-00000004"
+
+
+def test_latent_cache_counts_each_unreadable_image_once(tmp_path, caplog):
+    """Stage 1's unfinished epoch, its previews and its calibration read the two broken
+    files too; the cache's line must count only its own pass: exactly 2."""
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for i in range(22):
+        Image.new("RGB", (16, 16), (10 * i, 255 - 10 * i, 128)).save(folder / f"{i:02d}.png")
+    (folder / "zero.png").write_bytes(b"")
+    (folder / "junk.jpg").write_bytes(b"\x00" * 100)
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="n2a_core"):
+        result = invoke("train", "--data", "imagefolder", "--conditioner", "none", "--out", str(out),
+                        "--max-steps", "1", *sets(f"data.path={folder}", "data.val_fraction=0"))
+    assert result.exit_code == 0, result.output
+    cache_lines = [r.getMessage() for r in caplog.records if "latent cache" in r.getMessage()]
+    assert len(cache_lines) == 1 and "latent cache (train): skipped 2 unreadable images" in cache_lines[0]
+    assert "zero.png" in cache_lines[0] and "junk.jpg" in cache_lines[0]
+
+
+@pytest.mark.parametrize("extra, message", [
+    # 24 px -> 6x6 latents (f=4), which a three-level UNet cannot halve twice
+    (("data.image_size=24", "denoiser.channel_mult=[1,2,2]"),
+     "denoiser (one batch checked before training, data.image_size 24 -> latents 4x6x6): unet: latent size "
+     "(6, 6) is not divisible by 4"),
+    (("training.batch_size=64",), "training.batch_size: the training split has"),
+    (("autoencoder_training.batch_size=64",), "autoencoder_training.batch_size: the training split has"),
+    (("training.precision=fp16",), "training.precision: precision fp16 needs a CUDA device"),
+])
+def test_mistakes_stage_two_would_meet_stop_the_run_before_stage_one(tmp_path, extra, message):
+    if "fp16" in message and torch.cuda.is_available():
+        pytest.skip("fp16 is fine on CUDA")
+    out = tmp_path / "run"
+    result = invoke("train", "--conditioner", "none", "--out", str(out), *sets(*extra))
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert "Traceback" not in result.output
+    # refused before anything was written or trained (the folder may hold the run lock's file)
+    assert not (out / "spec.yaml").exists() and not (out / "autoencoder").exists()
+
+
+def test_resume_accepts_what_a_refusal_asks_to_change(tmp_path):
+    """Stage 1 trained; stage 2 may still get another denoiser and batch size on --resume.
+    Once stage 2 has trained, its batch size may change, its denoiser may not."""
+    out = tmp_path / "run"
+    args = ("--conditioner", "none", "--out", str(out))
+    assert invoke("train-autoencoder", *args, *sets()).exit_code == 0
+    result = invoke("train", *args, "--resume", "--max-steps", "2",
+                    *sets("denoiser.channel_mult=[1,1]", "training.batch_size=4"))
+    assert result.exit_code == 0, result.output
+    assert latest_checkpoint(out / "diffusion" / "checkpoints").name == "step-00000002"
+    result = invoke("train", *args, "--resume", *sets("denoiser.channel_mult=[1,1]", "training.batch_size=12"))
+    assert result.exit_code == 0, result.output
+    _, state = load_checkpoint(latest_checkpoint(out / "diffusion" / "checkpoints"))
+    # 2 steps of 4 samples left the epoch at sample 8, inside a batch of 12: it goes back to 0
+    assert state["step"] == 4 and state["data"]["samples"] == 2 * 12
+    refused = invoke("train", *args, "--resume", *sets("denoiser.channel_mult=[1,2]"))
+    assert refused.exit_code == 1 and "changes denoiser, which stage 2 has already trained with" in refused.output
 
 
 def test_class_label_run_samples_labels(tmp_path):

@@ -381,6 +381,52 @@ def test_digest_is_stable_and_changes_with_a_field(registry):
     assert a.digest("schedule", "seed") != a.digest("schedule")
 
 
+def test_batch_sizes_may_change_on_resume_and_old_digests_stay_known(registry):
+    from n2a_core.specs import FORMER_OPERATIONAL_FIELDS
+
+    a = resolve_run_spec({}, overrides=["training.batch_size=32"])
+    b = resolve_run_spec({}, overrides=["training.batch_size=64", "autoencoder_training.batch_size=8"])
+    assert a.digest() == b.digest() and a.digest("training") == b.digest("training")
+    # the digests runs started before carry in their checkpoints still tell the batch sizes apart
+    old = [s.digest("training", operational=FORMER_OPERATIONAL_FIELDS) for s in (a, b)]
+    assert old[0] != old[1] and old[0] != a.digest("training")
+
+
+def test_time_budget_reads_durations_and_refuses_the_rest(registry):
+    from n2a_core.specs import parse_duration
+
+    assert [parse_duration(t) for t in ("90", "90s", "30m", "2h", "1h30m", "1.5h")] == [
+        90, 90, 1800, 7200, 5400, 5400]
+    assert resolve_run_spec({}, overrides=["time_budget=30m"]).time_budget == 1800
+    assert resolve_run_spec({"time_budget": 600}).time_budget == 600
+    for bad in ("soon", "5x", "inf", "-3", "0"):
+        with pytest.raises(SpecError, match="time_budget"):
+            resolve_run_spec({}, overrides=[f"time_budget={bad}"])
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration(" ")
+    # a budget may be set or changed on resume: the digest leaves it out
+    assert resolve_run_spec({}, overrides=["time_budget=1h"]).digest() == resolve_run_spec({}).digest()
+
+
+def test_stage_budgets_split_the_time_and_stage_two_gets_what_stage_one_left(tmp_path, registry):
+    from n2a_core.checkpoint import save_checkpoint
+    from n2a_core.pipeline import RunDir
+    from n2a_core.training.run import stage_budgets
+
+    run = RunDir(tmp_path)
+    spec = resolve_run_spec({"time_budget": 1000})
+    assert stage_budgets(resolve_run_spec({}), run) == (None, None)
+    assert stage_budgets(spec, run) == (400, 600)  # the documented default share, 0.4
+    save_checkpoint(run.autoencoder / "checkpoints", 7, {}, {
+        "spec_digest": "d", "stage": "autoencoder", "optimizers": {}, "data": {"epoch": 0, "samples": 0},
+        "spent_s": 350.0})
+    assert stage_budgets(spec, run) == (400, 650)
+    shared = resolve_run_spec({"time_budget": 1000, "autoencoder_time_share": 0.25})
+    assert stage_budgets(shared, run)[0] == 250
+    given = resolve_run_spec({"time_budget": 1000, "autoencoder_weights": "ae.safetensors"})
+    assert stage_budgets(given, run) == (0, 1000)
+
+
 def test_digest_is_the_same_in_another_process(registry):
     """Cache keys outlive the process: no hash randomization may leak into the digest."""
     overrides = ["schedule.num_timesteps=10", "training.lr=0.125"]

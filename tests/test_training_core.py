@@ -107,6 +107,13 @@ def test_checkpoint_from_another_spec_is_refused(tmp_path):
         other.resume()
 
 
+def test_checkpoint_with_an_earlier_digest_of_the_same_spec_resumes(tmp_path):
+    make_loop(tmp_path, max_steps=5, digest="old-hashing").run()
+    loop = make_loop(tmp_path, digest="new-hashing")
+    loop.earlier_digests = ("old-hashing",)
+    assert loop.resume() and loop.step == 5
+
+
 def test_keep_last_and_latest_pointer(tmp_path):
     make_loop(tmp_path, max_steps=15).run()
     kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
@@ -144,6 +151,80 @@ def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
         load_checkpoint(path)
 
 
+def test_steps_per_s_counts_the_steps_of_each_window(tmp_path):
+    """Each step takes one second on a fake clock, so every record must say 1.0 step/s,
+    including a resumed run's first, partial window and a last step off the log_every grid."""
+    def make(out):
+        loop = make_loop(out, max_steps=11)
+        loop.spec = loop.spec.model_copy(update={"log_every": 4})
+        clock = {"now": 0.0}
+        real_losses = loop.stage.losses
+
+        def one_second_per_step(batch, step):
+            clock["now"] += 1.0 / loop.spec.grad_accum
+            return real_losses(batch, step)
+
+        loop.stage.losses = one_second_per_step
+        loop.clock = lambda: clock["now"]
+        return loop
+
+    make(tmp_path).run(5)  # logs at 4 and 5 (the end), checkpoints at 5
+    resumed = make(tmp_path)
+    assert resumed.resume() and resumed.step == 5
+    resumed.run(11)  # logs at 8 (3 steps after the resume) and 11 (3 steps after 8)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rates = {r["step"]: r["steps_per_s"] for r in records if "steps_per_s" in r}
+    assert rates == {4: 1.0, 5: 1.0, 8: 1.0, 11: 1.0}
+    assert [r["elapsed_s"] for r in records if "elapsed_s" in r] == [4.0, 5.0, 3.0, 6.0]
+
+
+def make_timed_loop(out, budget_s, clock_start=0.0):
+    """A loop with a time budget on a fake clock where every step takes one second; the
+    spec's max_steps (100) only gives the schedules' shape."""
+    loop = make_loop(out, max_steps=100)
+    loop.spec = loop.spec.model_copy(update={"warmup_steps": 10, "lr_decay": "linear", "log_every": 1})
+    clock = {"now": clock_start}
+    real_losses = loop.stage.losses
+
+    def one_second_per_step(batch, step):
+        clock["now"] += 1.0 / loop.spec.grad_accum
+        return real_losses(batch, step)
+
+    loop.stage.losses = one_second_per_step
+    loop.clock = lambda: clock["now"]
+    loop.budget_s = budget_s
+    return loop
+
+
+def test_time_budget_ends_the_stage_and_the_schedules_follow_the_fraction_used(tmp_path):
+    loop = make_timed_loop(tmp_path, budget_s=10.0)
+    loop.run()
+    assert loop.step == 10  # ten one-second steps, not the spec's 100
+    _, state = load_checkpoint(latest_checkpoint(tmp_path / "checkpoints"))
+    assert state["step"] == 10 and state["spent_s"] == 10.0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr/model"] for r in records if "lr/model" in r]
+    # step k starts when k-1 of the 10 seconds are spent: schedule position (k-1)/10 of 100 steps
+    assert lrs == pytest.approx([1e-2 * lr_factor((k - 1) * 10, loop.spec) for k in range(1, 11)])
+    assert lrs[0] == pytest.approx(1e-3) and lrs[1] == pytest.approx(1e-2)  # warm-up: a tenth of the budget
+    assert lrs[-1] < lrs[1]  # and the linear decay ran over the rest
+
+
+def test_time_budget_resume_counts_the_time_already_spent(tmp_path):
+    straight = make_timed_loop(tmp_path / "a", budget_s=10.0)
+    straight.run()
+    first = make_timed_loop(tmp_path / "b", budget_s=10.0)
+    first.run(4)  # stopped after 4 of the 10 seconds (here by a step cap)
+    torch.manual_seed(999)
+    resumed = make_timed_loop(tmp_path / "b", budget_s=10.0, clock_start=5000.0)  # a new process's clock
+    assert resumed.resume() and resumed.spent_before == 4.0
+    resumed.run()
+    assert resumed.step == 10
+    for (k, a), b in zip(straight.stage.model.state_dict().items(), resumed.stage.model.state_dict().values(),
+                         strict=True):
+        assert torch.equal(a, b), k
+
+
 def test_lr_schedule_shape():
     spec = OptimSpec(max_steps=100, warmup_steps=10, lr_decay="cosine")
     assert lr_factor(0, spec) == pytest.approx(0.1)
@@ -163,6 +244,36 @@ def test_batch_stream_is_a_permutation_per_epoch_and_disjoint_across_ranks():
 
 
 # -- the diffusion objective ----------------------------------------------------------------
+def test_each_epoch_reports_its_own_unreadable_items_once(caplog):
+    from n2a_core.training.batching import SkipCounter
+
+    class Broken(ToyData):
+        """Items 3 and 7 are unreadable: None, counted as the image datasets do."""
+
+        def __init__(self):
+            super().__init__(n=16)
+            self.skipped = SkipCounter()
+
+        def __getitem__(self, i):
+            if i in (3, 7):
+                self.skipped.add(f"item{i}")
+                return None
+            return super().__getitem__(i)
+
+    def collate(items):
+        return torch.utils.data.default_collate([item for item in items if item is not None])
+
+    data = Broken()
+    _ = [data[i] for i in range(8)]  # a preview read between passes
+    batches = iter(BatchStream(data, 4, seed=0, collate=collate))
+    with caplog.at_level("WARNING", logger="n2a_core"):
+        for _ in range(4 + 4 + 1):  # two whole epochs and the start of a third
+            next(batches)
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(":")[0] for line in lines] == ["epoch 0", "epoch 1"], lines
+    assert all("skipped 2 unreadable images" in line and "item3" in line and "item7" in line for line in lines)
+
+
 def test_add_noise_matches_closed_form():
     schedule = CosineSchedule()
     z0, eps = torch.randn(5, 4, 3, 3), torch.randn(5, 4, 3, 3)

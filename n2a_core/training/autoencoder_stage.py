@@ -67,7 +67,7 @@ class AutoencoderStage(Stage):
     def optimizers(self) -> dict[str, OptimizerSlot]:
         return self._slots
 
-    def losses(self, batch: Any, step: int):
+    def losses(self, batch: Any, step: float):
         self.model.train()
         out = self.model.training_losses(batch["image"].to(self.device, non_blocking=True), step)
         return {"autoencoder": out.loss, "discriminator": out.discriminator_loss}, dict(out.logs)

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from n2a_core import strict_json
 from n2a_core.data_source import DataSource, DataSourceSpec, Record
-from n2a_core.errors import CheckpointError, DataError
+from n2a_core.errors import DataError
 from n2a_core.images import IMAGE_ERRORS, image_to_tensor
 
 log = logging.getLogger("n2a.data")
@@ -160,14 +160,32 @@ class SkipCounter:
         self._names.value = "\n".join(state["names"]).encode()[: self._NAME_BYTES - 1]
 
 
+def _skip_counter(dataset: Any) -> SkipCounter | None:
+    """The dataset's counter, also through a Subset (a rank's share counts into its parent's)."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    counter = getattr(dataset, "skipped", None)
+    return counter if isinstance(counter, SkipCounter) else None
+
+
+def start_pass(dataset: Any) -> None:
+    """Forget skips counted outside a pass, so that the pass's report counts each of its
+    unreadable images once: previews and calibration read a few items between passes, and
+    a stage that stops mid-epoch leaves that epoch's count unreported."""
+    counter = _skip_counter(dataset)
+    if counter is not None:
+        counter.reset()
+
+
 def report_skipped(dataset: Any, what: str | None = None) -> str | None:
     """Log one warning line if `dataset` skipped unreadable images this pass, then reset.
 
-    Returns the line (None when nothing was skipped). Call it at the end of an epoch or
-    evaluation pass; datasets without a `skipped` counter report nothing.
+    Returns the line (None when nothing was skipped). Call `start_pass` before a pass
+    and this at its end (an epoch, an evaluation, a cache build); datasets without a
+    `skipped` counter report nothing.
     """
-    counter = getattr(dataset, "skipped", None)
-    if not isinstance(counter, SkipCounter) or counter.count == 0:
+    counter = _skip_counter(dataset)
+    if counter is None or counter.count == 0:
         return None
     names = counter.names
     shown = "; ".join(names[:3]) + ("; …" if counter.count > len(names[:3]) else "")
@@ -361,10 +379,10 @@ class BatchStream:
         samples = position["samples"] if "samples" in position else position["batch"] * self.batch_size
         per_micro_step = self.batch_size * self.world_size
         if samples % per_micro_step:
-            raise CheckpointError(
-                f"the checkpoint's data position ({samples} samples into epoch {position['epoch']}) is not a "
-                f"whole number of micro-batches of {per_micro_step} samples; resume with the run's batch_size "
-                "and grad_accum")
+            # The batch size changed on resume: go back to the last whole micro-batch (a few
+            # samples of this epoch are seen twice; the run is no longer exactly resumed).
+            log.warning("batch size changed on resume: epoch %d continues from sample %d, not %d",
+                        position["epoch"], samples // per_micro_step * per_micro_step, samples)
         self.epoch, self.batch_index = position["epoch"], samples // per_micro_step
 
     def epoch_order(self, epoch: int) -> list[int]:
@@ -395,6 +413,7 @@ class BatchStream:
 
     def __iter__(self) -> Iterator[Any]:
         while True:
+            start_pass(self.dataset)
             if self.streamed:
                 loader = self._loader(None)
             else:

@@ -101,12 +101,12 @@ class DiffusionStage(Stage):
         denoiser = self.forward_model if self.model.training else self.model.denoiser
         return diffusion_loss(denoiser, self.schedule, z0, cond, drop, generator, self.spec.min_snr_gamma)
 
-    def losses(self, batch: Any, step: int):
+    def losses(self, batch: Any, step: float):
         self.model.train()
         loss = self.batch_loss(batch, self.generator, self.spec.p_uncond)
         return {"model": loss}, {}
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: float) -> None:
         if self.ema is not None:
             self.ema.update(self.model, step)
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from n2a_core import strict_json
 from n2a_core.autoencoder import Autoencoder
 from n2a_core.safe_files import temp_path, write_atomic
-from n2a_core.training.batching import report_skipped
+from n2a_core.training.batching import report_skipped, start_pass
 from n2a_core.training.distributed import SINGLE, Dist, DistributedError
 
 
@@ -69,10 +69,12 @@ class LatentDataset(Dataset):
 @torch.no_grad()
 def encode_dataset(
     autoencoder: Autoencoder, dataset: Dataset, collate, device: torch.device, batch_size: int = 64,
-    flip: bool = False, progress=None,
+    flip: bool = False, progress=None, what: str = "latent cache",
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-    """Latents of every readable image of `dataset` (in order), plus metadata lists."""
+    """Latents of every readable image of `dataset` (in order), plus metadata lists; one
+    warning line (headed `what`) counts the unreadable images it skipped."""
     autoencoder.eval()
+    start_pass(dataset)
     latents, flipped = [], []
     meta: dict[str, list] = {"label": [], "caption": [], "key": []}
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
@@ -85,7 +87,7 @@ def encode_dataset(
             meta[k].extend(batch[k])
         if progress:
             progress(i + 1, len(loader))
-    report_skipped(dataset, "latent cache")
+    report_skipped(dataset, what)
     if not latents:  # nothing readable (e.g. one rank's share of a few broken files)
         return torch.empty(0), (torch.empty(0) if flip else None), meta
     return torch.cat(latents), (torch.cat(flipped) if flip else None), meta

@@ -104,11 +104,13 @@ class Stage(ABC):
         """Named optimizers; `losses` returns one loss per name."""
 
     @abstractmethod
-    def losses(self, batch: Any, step: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """One micro-batch: a loss per optimizer and float logs."""
+    def losses(self, batch: Any, step: float) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """One micro-batch: a loss per optimizer and float logs. `step` is where schedules
+        stand: the step, or with a time budget a fractional position (see the loop's
+        `schedule_position`)."""
 
-    def after_step(self, step: int) -> None:
-        """Called after every optimizer step (EMA updates live here)."""
+    def after_step(self, step: float) -> None:
+        """Called after every optimizer step (EMA updates live here); `step` as in `losses`."""
 
     def state(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
         """Extra tensors and JSON to checkpoint, as rank 0 holds them (the EMA); generators
@@ -193,19 +195,24 @@ class TrainingLoop:
     """
 
     def __init__(self, stage: Stage, spec: OptimSpec, stream: BatchStream, out_dir: Path, *,
-                 device: torch.device, spec_digest: str, is_main: bool = True,
-                 progress: Callable[..., Any] | None = None, sync: Callable[[], None] | None = None,
-                 dist: Dist = SINGLE):
+                 device: torch.device, spec_digest: str, earlier_digests: tuple[str, ...] = (),
+                 progress: Callable[..., Any] | None = None, dist: Dist = SINGLE):
         self.stage, self.spec, self.stream, self.out_dir = stage, spec, stream, Path(out_dir)
-        self.device, self.spec_digest = device, spec_digest
-        self.dist = dist
-        self.is_main = is_main and dist.is_main
-        self.progress = progress
-        self.sync = sync or dist.barrier
+        self.device, self.spec_digest, self.dist, self.progress = device, spec_digest, dist, progress
+        self.earlier_digests = earlier_digests
+        """The same spec's digests under an earlier n2a: checkpoints carrying them resume."""
         self.dtype = autocast_dtype(spec.precision, device)
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         self.step = 0
         self.checkpoint_dir = self.out_dir / "checkpoints"
+        self.clock: Callable[[], float] = time.perf_counter
+        """Seconds (replaceable by a fake clock in tests)."""
+        self.budget_s: float | None = None
+        """Train for this many seconds instead of to max_steps; the schedules then follow the
+        fraction of it used (see `schedule_position`)."""
+        self.spent_before = 0.0
+        """Seconds this stage trained before this process (from the checkpoint)."""
+        self._started: float | None = None
 
     # checkpointing ---------------------------------------------------------------------
     def rank_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -218,7 +225,7 @@ class TrainingLoop:
     def save(self) -> Path | None:
         per_rank = self.dist.all_gather_object(self.rank_state())
         path = None
-        if self.is_main:
+        if self.dist.is_main:
             tensors: dict[str, dict[str, torch.Tensor]] = {
                 f"module.{name}": module.state_dict() for name, module in self.stage.modules().items()
             }
@@ -231,9 +238,9 @@ class TrainingLoop:
                 tensors[f"rank{rank}"] = rank_tensors
             state = {"spec_digest": self.spec_digest, "stage": self.stage.name, "optimizers": optim_meta,
                      "world_size": self.dist.world_size, "ranks": [meta for _, meta in per_rank],
-                     "data": self.stream.position, "stage_state": stage_meta}
+                     "data": self.stream.position, "stage_state": stage_meta, "spent_s": self.spent_s()}
             path = save_checkpoint(self.checkpoint_dir, self.step, tensors, state, self.spec.keep_last)
-        self.sync()
+        self.dist.barrier()
         return path
 
     def resume(self, path: Path | None = None) -> bool:
@@ -253,7 +260,8 @@ class TrainingLoop:
         if path is None:
             return False
         tensors, state = found[1:] if found else load_checkpoint(path)
-        if state.get("stage") != self.stage.name or state.get("spec_digest") != self.spec_digest:
+        if state.get("stage") != self.stage.name or state.get("spec_digest") not in (self.spec_digest,
+                                                                                   *self.earlier_digests):
             raise CheckpointError(
                 f"{path}: checkpoint was made by a different spec (digest {state.get('spec_digest')}, "
                 f"this run {self.spec_digest}); resume with the run's own spec.yaml or start a new --out"
@@ -265,7 +273,8 @@ class TrainingLoop:
         self.stage.load_state({k[len("stage."):]: v for k, v in tensors.items() if k.startswith("stage.")},
                               state["stage_state"])
         self.step = int(state["step"])
-        if self.is_main:
+        self.spent_before = float(state.get("spent_s", 0.0))
+        if self.dist.is_main:
             trim_log(self.out_dir / "metrics.jsonl", self.step)
         self._load_rank_state(tensors, state)
         self.stream.restore(state["data"])
@@ -295,30 +304,72 @@ class TrainingLoop:
         """One optimizer step. Losses and gradient norms come back as 0-d tensors on the
         device, so a GPU step queues without waiting for the host; `host_values` reads them."""
         slots = self.stage.optimizers()
+        self._zero_grad_and_set_lr(slots)
+        logs = self._accumulate_gradients(batches, slots)
+        logs.update(self._apply_gradients(slots))
+        self.step += 1
+        self.stage.after_step(self.schedule_position())
+        return logs
+
+    # time ---------------------------------------------------------------------------------
+    def spent_s(self) -> float:
+        """Seconds this stage has trained, over all the processes that ran it in turn."""
+        running = self.clock() - self._started if self._started is not None else 0.0
+        return self.spent_before + running
+
+    def schedule_position(self) -> float:
+        """Where the learning-rate, EMA and loss schedules stand, in steps: the step itself, or
+        with a time budget the fraction of it used times spec.max_steps (so warm-up, decay and
+        a discriminator start keep their shape, stretched over the budget)."""
+        if self.budget_s is None:
+            return self.step
+        return min(1.0, self.spent_s() / self.budget_s) * self.spec.max_steps
+
+    def done(self, max_steps: int | None) -> bool:
+        """Step `max_steps` reached (None: no step limit) or the time budget spent; with
+        several processes rank 0's clock decides, so that all stop at the same step."""
+        if max_steps is not None and self.step >= max_steps:
+            return True
+        if self.budget_s is None:
+            return max_steps is None
+        out_of_time = self.spent_s() >= self.budget_s
+        return bool(self.dist.broadcast_object(out_of_time)) if self.dist.active else out_of_time
+
+    def _zero_grad_and_set_lr(self, slots: dict[str, OptimizerSlot]) -> None:
         for slot in slots.values():
             for group in slot.optimizer.param_groups:
-                group["lr"] = slot.lr * lr_factor(self.step, self.spec)
+                group["lr"] = slot.lr * lr_factor(self.schedule_position(), self.spec)
             slot.optimizer.zero_grad(set_to_none=True)
+
+    def _accumulate_gradients(self, batches: Iterator[Any],
+                              slots: dict[str, OptimizerSlot]) -> dict[str, float | torch.Tensor]:
+        """Forward and backward over grad_accum micro-batches; the mean losses and stage logs."""
+        accum = self.spec.grad_accum
         logs: dict[str, float | torch.Tensor] = {}
-        for micro in range(self.spec.grad_accum):
+        for micro in range(accum):
             batch = next(batches)
-            last = micro == self.spec.grad_accum - 1
+            last = micro == accum - 1
             # DDP averages gradients in the backward of the last micro-step only.
             with contextlib.nullcontext() if last or not self.dist.active else self.stage.no_sync():
                 with autocast(self.device, self.dtype):
-                    losses, micro_logs = self.stage.losses(batch, self.step)
+                    losses, micro_logs = self.stage.losses(batch, self.schedule_position())
                 for name, loss in losses.items():
                     if loss is None:
                         continue
-                    scaled = loss / self.spec.grad_accum
+                    scaled = loss / accum
                     if self.scaler is not None:
                         scaled = self.scaler.scale(scaled)
                     # Each loss reaches only its own optimizer's parameters (a GAN generator
                     # loss must not leave gradients on the discriminator).
                     scaled.backward(inputs=slots[name].params)
-                    logs[f"loss/{name}"] = logs.get(f"loss/{name}", 0.0) + loss.detach().float() / self.spec.grad_accum
+                    logs[f"loss/{name}"] = logs.get(f"loss/{name}", 0.0) + loss.detach().float() / accum
             for k, v in micro_logs.items():
-                logs[k] = logs.get(k, 0.0) + v / self.spec.grad_accum
+                logs[k] = logs.get(k, 0.0) + v / accum
+        return logs
+
+    def _apply_gradients(self, slots: dict[str, OptimizerSlot]) -> dict[str, float | torch.Tensor]:
+        """Average over processes, unscale, clip and step each optimizer; grad norms and lrs."""
+        logs: dict[str, float | torch.Tensor] = {}
         for name, slot in slots.items():
             if not slot.ddp:
                 # The mean over ranks before clipping: the clip then sees the gradient of the
@@ -341,57 +392,76 @@ class TrainingLoop:
         if self.dist.active:
             for module in self.stage.modules().values():
                 self.dist.broadcast_batchnorm_stats(module)
-        self.step += 1
-        self.stage.after_step(self.step)
         return logs
 
-    def log(self, record: dict[str, Any]) -> None:
-        if not self.is_main:
-            return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "metrics.jsonl", "a") as fh:
-            fh.write(strict_json.dumps(record) + "\n")
-
+    # the run -----------------------------------------------------------------------------
     def run(self, max_steps: int | None = None) -> int:
-        """Train until `max_steps` (default spec.max_steps); checkpoint on the way and at the end.
+        """Train until `max_steps` (default spec.max_steps; with a time budget, none) or until
+        the budget is spent; checkpoint on the way and at the end.
 
         An interrupt (Ctrl-C) saves a checkpoint before leaving, so no work is lost; with
         several processes it does not (they stop at different points, and a checkpoint
         needs them all), so the last periodic checkpoint stands.
         """
-        max_steps = max_steps or self.spec.max_steps
+        max_steps = max_steps or (None if self.budget_s is not None else self.spec.max_steps)
         batches = iter(self.stream)
-        start_step, t0, window = self.step, time.perf_counter(), time.perf_counter()
+        start_step = self.step
+        self._started = self._window_start = self.clock()
+        self._window_step = self.step
         try:
             with peer_failures(self.dist):
-                while self.step < max_steps:
+                while not self.done(max_steps):
                     logs = self.train_step(batches)
-                    log_now = self.step % self.spec.log_every == 0 or self.step == max_steps
-                    if log_now:  # the one device-to-host read of the logs, every log_every steps
-                        logs = self.dist.mean_logs(host_values(logs))
-                    if self.progress and self.is_main:
-                        self.progress(self.step, max_steps, logs if log_now else None)
-                    if log_now:
-                        now = time.perf_counter()
-                        steps_done = self.spec.log_every if self.step % self.spec.log_every == 0 else 1
-                        self.log({"step": self.step, **logs, "steps_per_s": steps_done / max(now - window, 1e-9),
-                                  "elapsed_s": now - t0})
-                        window = now
-                    if self.step != max_steps and self.is_main:
-                        periodic = self.periodic(final=False)
-                        if periodic:
-                            self.log({"step": self.step, **periodic})
-                    if self.step % self.spec.checkpoint_every == 0 and self.step != max_steps:
-                        self.save()
+                    last = self.done(max_steps)
+                    self._report(logs, last, max_steps)
+                    if last:
+                        break
+                    self._evaluate_and_checkpoint_when_due()
         except KeyboardInterrupt:
             if self.step > start_step and not self.dist.active:
                 self.save()
             raise
         self.save()
-        if self.is_main:
+        if self.dist.is_main:
             self.log({"step": self.step, **self.periodic(final=True)})
-        self.sync()
+        self.dist.barrier()
         return self.step
+
+    def _report(self, logs: dict[str, float | torch.Tensor], last: bool, max_steps: int | None) -> None:
+        """The progress bar every step; a metrics record every log_every steps and at the end."""
+        log_now = self.step % self.spec.log_every == 0 or last
+        if log_now:  # the one device-to-host read of the logs, every log_every steps
+            logs = self.dist.mean_logs(host_values(logs))
+        if self.progress and self.dist.is_main:
+            self.progress(*self.progress_position(max_steps), logs if log_now else None)
+        if log_now:
+            now = self.clock()
+            # Steps since the last record (or since this process started), not log_every:
+            # a resumed run's first window and a last, short window are partial.
+            steps_per_s = (self.step - self._window_step) / max(now - self._window_start, 1e-9)
+            self.log({"step": self.step, **logs, "steps_per_s": steps_per_s, "elapsed_s": now - self._started})
+            self._window_step, self._window_start = self.step, now
+
+    def progress_position(self, max_steps: int | None) -> tuple[int, int]:
+        """(done, total) for a progress bar: steps, or per mille of the time budget."""
+        if self.budget_s is None:
+            return self.step, max_steps
+        return min(1000, round(1000 * self.spent_s() / self.budget_s)), 1000
+
+    def _evaluate_and_checkpoint_when_due(self) -> None:
+        if self.dist.is_main:
+            periodic = self.periodic(final=False)
+            if periodic:
+                self.log({"step": self.step, **periodic})
+        if self.step % self.spec.checkpoint_every == 0:
+            self.save()
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a") as fh:
+            fh.write(strict_json.dumps(record) + "\n")
 
     def periodic(self, final: bool) -> dict[str, float]:
         """The stage's evaluation, isolated from the training RNG streams: whether or not a
