@@ -45,7 +45,7 @@ def sample(
                                                     "resized and centre-cropped.", show_default=False)] = None,
     strength: Annotated[float | None, typer.Option(help="With --init-image: how much to change it, in (0, 1]; "
                                                    "1 ignores it. Default 0.8, or 1 with --mask.",
-                                                   min=0.0, max=1.0, callback=finite, show_default=False)] = None,
+                                                   callback=finite, show_default=False)] = None,
     mask: Annotated[Path | None, typer.Option(help="Inpainting mask the size of --init-image: white = repaint, "
                                               "black = keep.", show_default=False)] = None,
     interpolate: Annotated[tuple[str, str] | None, typer.Option(
