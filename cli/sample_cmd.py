@@ -1,4 +1,5 @@
-"""`n2a sample`: images from a trained run, with prompts or labels and guidance."""
+"""`n2a sample`: images from a trained run, with prompts or labels and guidance; image-to-image,
+inpainting, interpolation and negative conditions (see `n2a_core.generate.generate`)."""
 
 from __future__ import annotations
 
@@ -37,13 +38,31 @@ def sample(
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights.")] = True,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 16,
     device: Annotated[str, typer.Option(help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps.")] = "auto",
+    negative_prompt: Annotated[str | None, typer.Option(help="Caption to steer away from: "
+                                                        "(1+w)·ε(z,c) − w·ε(z,c⁻).", show_default=False)] = None,
+    negative_label: Annotated[str | None, typer.Option(help="Class label to steer away from.",
+                                                       show_default=False)] = None,
+    init_image: Annotated[Path | None, typer.Option(help="Image to start from (image-to-image, SDEdit); "
+                                                    "resized and centre-cropped.", show_default=False)] = None,
+    strength: Annotated[float | None, typer.Option(help="With --init-image: how much to change it, in (0, 1]; "
+                                                   "1 ignores it. Default 0.8, or 1 with --mask.",
+                                                   callback=finite, show_default=False)] = None,
+    mask: Annotated[Path | None, typer.Option(help="Inpainting mask the size of --init-image: white = repaint, "
+                                              "black = keep.", show_default=False)] = None,
+    interpolate: Annotated[tuple[str, str] | None, typer.Option(
+        help="Two prompts (or labels) to morph between, in --frames images.", show_default=False)] = None,
+    interpolate_seeds: Annotated[tuple[int, int] | None, typer.Option(
+        help="Two seeds whose noise to morph between (slerp).", show_default=False)] = None,
+    frames: Annotated[int, typer.Option(help="Frames of an --interpolate/--interpolate-seeds animation.",
+                                        min=2, max=MAX_IMAGES)] = 8,
 ) -> None:
     """Draw images from a trained run, an exported folder or a Hub id, and write PNGs (with
-    metadata), samples.jsonl and a grid. A thin layer over `n2a_core.Pipeline`."""
+    metadata), samples.jsonl and a grid; interpolations also write an animated GIF (and WebP).
+    A thin layer over `n2a_core.Pipeline`."""
     from n2a_core.components import newest_run
     from n2a_core.errors import SpecError
     from n2a_core.export import is_exported
-    from n2a_core.generate import SampleWriter, StepCount, check_conditions, new_samples_folder
+    from n2a_core.generate import SampleWriter, StepCount, check_conditions, new_samples_folder, write_animation
     from n2a_core.pipeline import Pipeline
     from n2a_core.plugins import get_registry
     from n2a_core.progress import progress_bar
@@ -51,10 +70,18 @@ def sample(
     with user_errors():
         if prompt and label:
             raise SpecError("--prompt and --label: give one kind of condition per call")
+        if negative_prompt and negative_label:
+            raise SpecError("--negative-prompt and --negative-label: give one")
         wanted = list(prompt or label or [])
-        conditions = [c for c in wanted for _ in range(n)] if wanted else [""] * n
-        seeds = [seed + i for i in range(len(conditions))]
-        if seeds[-1] > SEED_MAX:
+        if (interpolate and wanted) or (interpolate_seeds and len(wanted) > 1):
+            raise SpecError("--interpolate: give the two ends there, not with --prompt/--label")
+        if mask is not None and init_image is None:
+            raise SpecError("--mask: inpainting needs --init-image, the picture to keep outside the mask")
+        if strength is not None and init_image is None:
+            raise SpecError("--strength: needs --init-image, the picture to start from")
+        animated = interpolate is not None or interpolate_seeds is not None
+        conditions, seeds = _frames_or_images(wanted, n, seed, interpolate, interpolate_seeds, frames)
+        if not animated and seeds[-1] > SEED_MAX:
             raise SpecError(f"--seed: image i uses seed + i, so {len(seeds)} images need a seed of at most "
                             f"{SEED_MAX - len(seeds) + 1} (got {seed})")
         source = run or newest_run()
@@ -65,16 +92,25 @@ def sample(
             if conditioner != actual:
                 raise SpecError(f"--conditioner: the run was trained with '{actual}', not '{conditioner}'")
         field = "caption" if prompt else "label" if label else None
-        check_conditions(loaded, wanted, field)
+        negative = negative_prompt or negative_label
+        check_conditions(loaded, wanted + list(interpolate or ()), field)
+        if negative:
+            check_conditions(loaded, [negative], "caption" if negative_prompt else "label")
+        if init_image is not None and strength is None:
+            strength = 1.0 if mask is not None else 0.8
         sampler_spec = get_registry().validate_spec("sampler", sampler) if sampler else None
         if sampler_spec is not None and steps is None and hasattr(sampler_spec, "steps"):
             steps = sampler_spec.steps
         # Guidance needs a condition to steer by: an unconditional call uses (and records) none.
-        guidance = guidance if wanted else 0.0
+        guidance = guidance if wanted or interpolate or negative else 0.0
         sampler_name = sampler or (loaded.spec.sampler.type if loaded.spec.sampler else None)
-        records = [{"index": i, "seed": s, "condition": c, "field": field, "guidance": guidance,
+        creative = {key: value for key, value in (
+            ("negative", negative), ("init_image", str(init_image) if init_image else None),
+            ("strength", strength), ("mask", str(mask) if mask else None)) if value is not None}
+        field = field or (loaded.conditioner.field if interpolate else None)
+        records = [{"index": i, **_seed_and_condition(s, c), "field": field, "guidance": guidance,
                     "sampler": sampler_name, "steps": steps, "ema": ema, "step": loaded.step,
-                    "spec_digest": loaded.spec.digest()}
+                    "spec_digest": loaded.spec.digest(), **creative}
                    for i, (s, c) in enumerate(zip(seeds, conditions, strict=True))]
         # A folder of our own (never another call's), and every image on disk as soon as it exists.
         # An export (maybe in the Hub cache) stays as shipped: its samples go under ./samples.
@@ -84,8 +120,36 @@ def sample(
         evaluations = StepCount()
         writer = SampleWriter(out_dir, records, steps_used=evaluations)
         with progress_bar("sampling", len(seeds)) as bar:
-            images = pipe(wanted, seeds=seeds, n=n, guidance=guidance, sampler=sampler_spec, steps=steps,
+            # conditions and seeds are already one per image (or frame): n=1 each.
+            images = pipe(conditions, seeds=seeds, n=1, guidance=guidance, sampler=sampler_spec, steps=steps,
                           batch_size=batch_size, progress=lambda done, total: bar(done, total), output_type="pt",
+                          negative=negative, init_image=init_image, strength=strength or 1.0, mask=mask,
                           on_images=writer, callback=evaluations)
-        grid = writer.write_grid(images, nrow=n if wanted else None)
-    console.print(f"{len(images)} images in [bold]{escape(str(out_dir))}[/bold]; grid: {escape(str(grid))}")
+        grid = writer.write_grid(images, nrow=frames if animated else n if wanted else None)
+        animations = write_animation(images, out_dir) if animated else []
+    also = "".join(f"; {path.suffix[1:]}: {escape(str(path))}" for path in animations)
+    console.print(f"{len(images)} images in [bold]{escape(str(out_dir))}[/bold]; grid: {escape(str(grid))}{also}")
+
+
+def _frames_or_images(wanted: list[str], n: int, seed: int, interpolate, interpolate_seeds, frames: int):
+    """(conditions, seeds): n images per condition, or the frames of an interpolation."""
+    from n2a_core.generate import interpolation
+
+    if interpolate is None and interpolate_seeds is None:
+        conditions = [c for c in wanted for _ in range(n)] if wanted else [""] * n
+        return conditions, [seed + i for i in range(len(conditions))]
+    conditions = interpolation(*interpolate, frames) if interpolate else [wanted[0] if wanted else ""] * frames
+    return conditions, interpolation(*interpolate_seeds, frames) if interpolate_seeds else [seed] * frames
+
+
+def _seed_and_condition(seed, condition) -> dict:
+    """A record's seed and condition; an interpolation frame's ends and u as well."""
+    from n2a_core.generate import Between
+
+    record = {}
+    for key, value in (("seed", seed), ("condition", condition)):
+        if isinstance(value, Between):
+            record.update({key: value.start, f"{key}_end": value.end, "u": round(value.u, 6)})
+        else:
+            record[key] = value
+    return record

@@ -15,7 +15,8 @@ Map of the package (each module's docstring says more):
     denoiser       Denoiser: (z_t, t, condition) -> epsilon, v or z0 prediction
     schedule       NoiseSchedule: alpha_bar, betas, log-SNR, add_noise
     conditioner    Conditioner: labels or captions -> embeddings, a null embedding
-    sampler        Sampler, and the helpers every sampler uses (timesteps, guidance, noise)
+    sampler        Sampler and the Chain the core sets up for it: timesteps, start, guidance,
+                   inpainting, noise (a sampler writes only its update rule)
     data_source    DataSource: Records listed cheaply, Samples decoded on demand
     evaluation.features  FeatureExtractor: images -> feature vectors for the generator metrics
     tracking       Tracker: a run's scalars and grids (and the always-on jsonl tracker, the fan-out)
@@ -68,14 +69,21 @@ if TYPE_CHECKING:
     from n2a_core.pipeline import Pipeline
     from n2a_core.plugins import get_registry, load_plugins
     from n2a_core.sampler import (
+        EPSILON_MIN_LOG_SNR,
+        Chain,
         Generators,
+        NoiseBetween,
         Sampler,
+        SamplerSpec,
         StepCallback,
         TimestepSpacing,
         guided_prediction,
         randn,
+        sampling_timesteps,
+        slerp,
         spaced_timesteps,
         to_epsilon_and_x0,
+        usable_timesteps,
     )
     from n2a_core.schedule import NoiseSchedule, betas_from_alpha_bar
     from n2a_core.specs import load_run_spec
@@ -94,8 +102,9 @@ _EXPORTS = {
     "n2a_core.layout": ["preferred_layout", "prefers_channels_last"],
     "n2a_core.pipeline": ["Pipeline"],
     "n2a_core.plugins": ["get_registry", "load_plugins"],
-    "n2a_core.sampler": ["Generators", "Sampler", "StepCallback", "TimestepSpacing", "guided_prediction", "randn",
-                         "spaced_timesteps", "to_epsilon_and_x0"],
+    "n2a_core.sampler": ["EPSILON_MIN_LOG_SNR", "Chain", "Generators", "NoiseBetween", "Sampler", "SamplerSpec",
+                         "StepCallback", "TimestepSpacing", "guided_prediction", "randn", "sampling_timesteps", "slerp",
+                         "spaced_timesteps", "to_epsilon_and_x0", "usable_timesteps"],
     "n2a_core.schedule": ["NoiseSchedule", "betas_from_alpha_bar"],
     "n2a_core.specs": ["load_run_spec"],
     "n2a_core.tracking": ["JsonlSpec", "JsonlTracker", "Tracker"],
@@ -110,8 +119,9 @@ __all__ = [
     "Denoiser", "Conditioning", "PredictionType",
     "NoiseSchedule", "betas_from_alpha_bar",
     "Conditioner",
-    "Sampler", "Generators", "StepCallback", "TimestepSpacing",
-    "spaced_timesteps", "randn", "guided_prediction", "to_epsilon_and_x0",
+    "Sampler", "SamplerSpec", "Chain", "Generators", "NoiseBetween", "StepCallback", "TimestepSpacing",
+    "EPSILON_MIN_LOG_SNR", "sampling_timesteps", "spaced_timesteps", "usable_timesteps", "randn", "slerp",
+    "guided_prediction", "to_epsilon_and_x0",
     "DataSource", "DataSourceSpec", "Record", "Sample", "open_image",
     "FeatureExtractor",
     "Tracker", "JsonlSpec", "JsonlTracker",

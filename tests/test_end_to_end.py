@@ -251,3 +251,40 @@ def test_stage_one_run_feeds_a_stage_two_run(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     result = invoke("sample", str(stage2), "--prompt", "red apple", "--n", "1")
     assert result.exit_code == 1 and "without a conditioner" in result.output
+
+
+def test_sample_creative_modes(caption_run, tmp_path):
+    """img2img, inpainting, negative prompt and a caption interpolation through the CLI."""
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    Image.new("RGB", (40, 30), (220, 40, 40)).save(init)  # any size: resized and centre-cropped
+    Image.new("L", (40, 30), 255).save(mask)
+    common = ["--steps", "3", "--n", "1", "--prompt", "red apple"]
+    result = invoke("sample", str(caption_run), *common, "--init-image", str(init), "--strength", "0.6",
+                    "--negative-prompt", "blue car", "--out", str(tmp_path / "i2i"))
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "i2i" / "samples.jsonl").read_text().splitlines()[0])
+    assert meta["strength"] == 0.6 and meta["negative"] == "blue car" and meta["init_image"] == str(init)
+    result = invoke("sample", str(caption_run), *common, "--init-image", str(init), "--mask", str(mask),
+                    "--out", str(tmp_path / "inpaint"))
+    assert result.exit_code == 0, result.output
+    result = invoke("sample", str(caption_run), "--steps", "3", "--interpolate", "red apple", "grinning face",
+                    "--frames", "3", "--out", str(tmp_path / "morph"))
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (tmp_path / "morph" / "samples.jsonl").read_text().splitlines()]
+    assert [r["u"] for r in records] == [0.0, 0.5, 1.0] and records[1]["condition_end"] == "grinning face"
+    assert len(list((tmp_path / "morph").glob("0*.png"))) == 3
+    assert (tmp_path / "morph" / "interpolation.gif").is_file()
+
+
+def test_sample_creative_errors_are_one_line(caption_run, tmp_path):
+    Image.new("RGB", (40, 30)).save(tmp_path / "init.png")
+    Image.new("L", (16, 16)).save(tmp_path / "mask.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    for args, message in (
+        (["--init-image", str(tmp_path / "bad.png")], "bad.png: cannot read it"),
+        (["--init-image", str(tmp_path / "init.png"), "--mask", str(tmp_path / "mask.png")], "16x16 pixels"),
+        (["--mask", str(tmp_path / "mask.png")], "--mask: inpainting needs --init-image"),
+        (["--negative-label", "x"], "use --prompt"),
+    ):
+        result = invoke("sample", str(caption_run), "--steps", "2", "--n", "1", *args)
+        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output

@@ -80,5 +80,6 @@ def test_plugin_template_registers_and_passes_its_own_test(monkeypatch):
     registry = load_plugins([(module, PluginSource("euler", "n2a-euler-sampler", "0.1.0"))], entry_points=False)
     assert registry.names("sampler") == ["euler"]
     sampler = registry.build("sampler", registry.validate_spec("sampler", {"type": "euler", "steps": 5}))
-    assert sampler.default_steps == 5
+    assert sampler.steps == 5
     importlib.import_module("test_euler").test_euler_reproduces_gaussian_data()
+    importlib.import_module("test_euler").test_euler_gets_img2img_and_inpainting_from_the_core()

@@ -23,7 +23,7 @@ import math
 import pytest
 import torch
 
-import n2a_plugins.samplers as samplers_module
+import n2a_core.sampler as sampler_core
 from n2a_core import Denoiser, NoiseSchedule, get_registry
 from n2a_core.errors import N2AError
 from n2a_core.sampler import generators_for_seeds, guided_prediction, spaced_timesteps, to_epsilon_and_x0
@@ -86,7 +86,7 @@ def exact_law(sampler, denoiser, schedule, steps, monkeypatch) -> tuple[float, f
         draws.append(shape)
         return e
 
-    monkeypatch.setattr(samplers_module, "randn", one_hot)
+    monkeypatch.setattr(sampler_core, "randn", one_hot)
     out = sampler.sample(denoiser, schedule, (size, 1, 1, 1), steps=steps).flatten().double()
     monkeypatch.undo()
     b = out[0]

@@ -3,6 +3,12 @@
 Copy this package to start your own: rename the module, the entry point in pyproject.toml
 and the spec's `type` literal, then replace the class. Everything n2a needs is here:
 a spec (pydantic, its `type` literal is the name), the class, and one `register_*` hook.
+
+A sampler writes only its update rule, `solve(chain)`. The core lays out the chain: the
+timestep grid (spacing, the epsilon floor `min_log_snr`, image-to-image `strength`), the
+starting latent, the guided prediction (with negative conditions), the inpainting mask's
+known region and the progress callback. So this sampler does image-to-image, inpainting,
+interpolation and negative prompts as the built-in ones do.
 """
 
 from __future__ import annotations
@@ -12,10 +18,10 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from n2a_core import ComponentSpec, Sampler, guided_prediction, hookimpl, randn, to_epsilon_and_x0
+from n2a_core import Chain, Sampler, SamplerSpec, hookimpl
 
 
-class EulerSpec(ComponentSpec):
+class EulerSpec(SamplerSpec):  # SamplerSpec brings timestep_spacing and min_log_snr
     type: Literal["euler"] = "euler"
     steps: int = Field(30, ge=1, le=10_000)
     """Denoiser evaluations."""
@@ -25,25 +31,18 @@ class EulerSampler(Sampler):
     """Euler steps on the probability-flow ODE dx/dsigma = eps in the variance-exploding view
     x = z / sqrt(alpha_bar), sigma = sqrt((1 - alpha_bar) / alpha_bar) (Karras et al. 2022, eq. 3)."""
 
-    def __init__(self, steps: int = 30):
-        self.default_steps = steps
+    def __init__(self, steps: int = 30, **common):
+        super().__init__(steps, **common)
 
-    @torch.no_grad()
-    def sample(self, denoiser, schedule, shape, cond=None, guidance=0.0, steps=None, generator=None, **_):
-        device = next(denoiser.parameters()).device
-        steps = steps or self.default_steps
-        alpha_bar, _ = schedule.tables(device)
-        timesteps = torch.linspace(schedule.num_timesteps - 1, 0, steps, device=device).round().long()
-        sigmas = ((1 - alpha_bar[timesteps]) / alpha_bar[timesteps]).sqrt()
-        sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])  # end at sigma = 0: clean data
-        x = randn(shape, generator, device).double() * (1 + sigmas[0] ** 2).sqrt()
-        for i, t in enumerate(timesteps):
-            a = alpha_bar[t]
-            z = (x * a.sqrt()).float()
-            prediction = guided_prediction(denoiser, z, t.float().expand(shape[0]), cond, guidance)
-            eps, _ = to_epsilon_and_x0(prediction.double(), z.double(), a, denoiser.prediction_type)
-            x = x + (sigmas[i + 1] - sigmas[i]) * eps
-        return x.float()
+    def solve(self, chain: Chain) -> torch.Tensor:
+        a, a_next = chain.alpha_bar.double(), chain.alpha_bar_next.double()
+        sigma, sigma_next = ((1 - a) / a).sqrt(), ((1 - a_next) / a_next).sqrt()  # sigma_next = 0 at the end
+        z = chain.z
+        for i in range(len(chain)):
+            eps, _ = chain.eps_and_x0(z, i)
+            x = z.double() / a[i].sqrt() + (sigma_next[i] - sigma[i]) * eps.double()
+            z = chain.step_done(i, (x * a_next[i].sqrt()).float())
+        return z
 
 
 @hookimpl
