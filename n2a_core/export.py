@@ -71,16 +71,21 @@ class ExportReport:
                 f"smaller than the run ({self.run_bytes / mb:.1f} MB)")
 
 
-def export_run(run_root: Path, out: Path, *, dtype: str = "fp32", device: str = "cpu") -> ExportReport:
-    """Write the export folder of a trained run (into a temporary folder, renamed at the end)."""
-    run_root, out = Path(run_root), Path(out)
+def load_for_export(run_root: Path, out: Path, dtype: str, device: str) -> LoadedRun:
+    """The run to export, once the options are checked (both formats: a fresh --out, a dtype)."""
     if dtype not in DTYPES:
         raise SpecError(f"--dtype: {dtype!r}; use one of {', '.join(DTYPES)}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SpecError(f"--out: {out} already exists and is not an empty folder; choose a new one")
     if is_exported(run_root):
-        raise SpecError(f"{run_root}: already an exported folder; export a run folder made by `n2a train`")
-    loaded = load_run(run_root, device=device)
+        raise SpecError(f"{run_root}: already an exported folder; export the run folder made by `n2a train`")
+    return load_run(run_root, device=device)
+
+
+def export_run(run_root: Path, out: Path, *, dtype: str = "fp32", device: str = "cpu") -> ExportReport:
+    """Write the export folder of a trained run (into a temporary folder, renamed at the end)."""
+    run_root, out = Path(run_root), Path(out)
+    loaded = load_for_export(run_root, out, dtype, device)
     spec = loaded.spec.model_copy(update={"autoencoder_weights": None})  # the weights travel in WEIGHTS
     license_id = spec.data.data_license() or "unknown"
     tensors = {**{f"autoencoder.{k}": v for k, v in inference_state(loaded.components.autoencoder).items()},

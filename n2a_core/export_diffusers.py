@@ -25,8 +25,7 @@ from safetensors.torch import save_file
 
 from n2a_core import strict_json
 from n2a_core.errors import SpecError
-from n2a_core.export import DTYPES, ExportReport, folder_size, is_exported
-from n2a_core.generate import load_run
+from n2a_core.export import DTYPES, ExportReport, folder_size, load_for_export
 from n2a_core.model_card import CardFacts, write_model_card
 
 FORMAT = "n2a-diffusers/1"
@@ -38,13 +37,7 @@ def export_diffusers(run_root: Path, out: Path, *, dtype: str = "fp32", device: 
     from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 
     run_root, out = Path(run_root), Path(out)
-    if dtype not in DTYPES:
-        raise SpecError(f"--dtype: {dtype!r}; use one of {', '.join(DTYPES)}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SpecError(f"--out: {out} already exists and is not an empty folder; choose a new one")
-    if is_exported(run_root):
-        raise SpecError(f"{run_root}: an n2a export; export the run folder it came from")
-    loaded = load_run(run_root, device=device)
+    loaded = load_for_export(run_root, out, dtype, device)
     spec, components, conditioner = loaded.spec, loaded.components, loaded.conditioner
     size = spec.data.image_size
     latent_size = size // components.autoencoder.downsample_factor

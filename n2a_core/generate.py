@@ -37,7 +37,7 @@ from n2a_core.diffusion_model import DiffusionModel
 from n2a_core.errors import CheckpointError, DataError, SpecError
 from n2a_core.images import image_to_tensor, make_grid_image, open_image, tensor_to_image, to_rgb
 from n2a_core.plugins import get_registry
-from n2a_core.safe_files import FileLock, new_folder, open_new
+from n2a_core.safe_files import FileLock, new_folder, open_new, write_first_free
 from n2a_core.sampler import NoiseBetween, Sampler, StepCallback
 from n2a_core.specs import RunSpecBase, resolve_run_spec
 
@@ -351,20 +351,7 @@ class SampleWriter:
         captions = [f"u = {r['u']:.2f}" if "u" in r else r.get("condition") or f"seed {r['seed']}"
                     for r in self.records]
         sheet = make_grid_image(images, nrow=nrow, captions=captions)
-        for n in range(1, 1_000_000):
-            path = self.out_dir / ("grid.png" if n == 1 else f"grid-{n}.png")
-            try:
-                fh = open_new(path)
-            except FileExistsError:
-                continue
-            try:
-                with fh:
-                    sheet.save(fh, format="PNG")
-            except BaseException:
-                path.unlink(missing_ok=True)
-                raise
-            return path
-        raise SpecError(f"{self.out_dir}: no free grid-N.png name; clean up the folder")
+        return write_first_free(self.out_dir, "grid", ".png", lambda fh: sheet.save(fh, format="PNG"))
 
 
 def write_animation(images: torch.Tensor, out_dir: Path, name: str = "interpolation",
@@ -374,20 +361,7 @@ def write_animation(images: torch.Tensor, out_dir: Path, name: str = "interpolat
     frames = [tensor_to_image(image) for image in images]
     paths = []
     for suffix in [".gif"] + ([".webp"] if features.check("webp") else []):
-        extra = {"lossless": True} if suffix == ".webp" else {}
-        for n in range(1, 1_000_000):
-            path = out_dir / (f"{name}{suffix}" if n == 1 else f"{name}-{n}{suffix}")
-            try:
-                fh = open_new(path)
-            except FileExistsError:
-                continue
-            try:
-                with fh:
-                    frames[0].save(fh, format=suffix[1:].upper(), save_all=True, append_images=frames[1:],
-                                   duration=frame_ms, loop=0, **extra)
-            except BaseException:
-                path.unlink(missing_ok=True)
-                raise
-            paths.append(path)
-            break
+        options = {"format": suffix[1:].upper(), "save_all": True, "append_images": frames[1:],
+                   "duration": frame_ms, "loop": 0, **({"lossless": True} if suffix == ".webp" else {})}
+        paths.append(write_first_free(out_dir, name, suffix, lambda fh, options=options: frames[0].save(fh, **options)))
     return paths

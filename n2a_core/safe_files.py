@@ -25,6 +25,7 @@ import secrets
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -86,6 +87,25 @@ def new_folder(parent: Path, stem: str) -> Path:
 def open_new(path: Path) -> BinaryIO:
     """Open `path` for writing only if it does not exist yet (FileExistsError otherwise)."""
     return open(path, "xb")
+
+
+def write_first_free(folder: Path, stem: str, suffix: str, write: Callable[[BinaryIO], None]) -> Path:
+    """Write STEM.SUFFIX, or STEM-2.SUFFIX, ... whichever is free first: never over an existing
+    file, even with another process writing into the same folder. A failed write leaves nothing."""
+    for n in range(1, 1_000_000):
+        path = folder / (f"{stem}{suffix}" if n == 1 else f"{stem}-{n}{suffix}")
+        try:
+            fh = open_new(path)
+        except FileExistsError:
+            continue
+        try:
+            with fh:
+                write(fh)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return path
+    raise FileExistsError(f"{folder}: no free {stem}-N{suffix} name; clean up the folder")
 
 
 # -- OS-level locks ------------------------------------------------------------------------
