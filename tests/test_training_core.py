@@ -157,16 +157,7 @@ def test_steps_per_s_counts_the_steps_of_each_window(tmp_path):
     def make(out):
         loop = make_loop(out, max_steps=11)
         loop.spec = loop.spec.model_copy(update={"log_every": 4})
-        clock = {"now": 0.0}
-        real_losses = loop.stage.losses
-
-        def one_second_per_step(batch, step):
-            clock["now"] += 1.0 / loop.spec.grad_accum
-            return real_losses(batch, step)
-
-        loop.stage.losses = one_second_per_step
-        loop.clock = lambda: clock["now"]
-        return loop
+        return with_one_second_steps(loop)
 
     make(tmp_path).run(5)  # logs at 4 and 5 (the end), checkpoints at 5
     resumed = make(tmp_path)
@@ -183,6 +174,12 @@ def make_timed_loop(out, budget_s, clock_start=0.0):
     spec's max_steps (100) only gives the schedules' shape."""
     loop = make_loop(out, max_steps=100)
     loop.spec = loop.spec.model_copy(update={"warmup_steps": 10, "lr_decay": "linear", "log_every": 1})
+    loop.budget_s = budget_s
+    return with_one_second_steps(loop, clock_start)
+
+
+def with_one_second_steps(loop, clock_start=0.0):
+    """`loop` on a fake clock that advances one second per optimizer step."""
     clock = {"now": clock_start}
     real_losses = loop.stage.losses
 
@@ -192,7 +189,6 @@ def make_timed_loop(out, budget_s, clock_start=0.0):
 
     loop.stage.losses = one_second_per_step
     loop.clock = lambda: clock["now"]
-    loop.budget_s = budget_s
     return loop
 
 
