@@ -91,10 +91,12 @@ def _smooth(points: list[tuple[float, float]], window: int) -> list[tuple[float,
 
 
 # -- SVG charts ------------------------------------------------------------------------
-def _nice_ticks(lo: float, hi: float, count: int = 4) -> list[float]:
+def _nice_ticks(lo: float, hi: float, count: int = 4, whole: bool = False) -> list[float]:
+    """Round tick values in [lo, hi]; `whole` keeps them integers (steps: a one-point chart
+    spans step - 1 .. step + 1, whose half steps would all print as the same number)."""
     if hi <= lo:
         return [lo]
-    raw = (hi - lo) / count
+    raw = max((hi - lo) / count, 1.0) if whole else (hi - lo) / count
     magnitude = 10 ** math.floor(math.log10(raw))
     step = min((m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw), default=raw)
     first = math.ceil(lo / step) * step
@@ -136,7 +138,7 @@ def line_chart(title: str, series: dict[str, list[tuple[float, float]]], width: 
     for y in _nice_ticks(y_lo, y_hi):
         parts.append(f'<line x1="{left}" x2="{width - right}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" class="grid"/>'
                      f'<text x="{left - 4}" y="{sy(y) + 3:.1f}" class="tick" text-anchor="end">{_fmt(y)}</text>')
-    for x in _nice_ticks(x_lo, x_hi):
+    for x in _nice_ticks(x_lo, x_hi, whole=True):
         parts.append(f'<text x="{sx(x):.1f}" y="{height - bottom + 13}" class="tick" text-anchor="middle">'
                      f'{_fmt(x)}</text>')
     parts.append(f'<text x="{width - right}" y="{height - 3}" class="tick" text-anchor="end">step</text>')

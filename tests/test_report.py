@@ -126,3 +126,11 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
     broken = tmp_path / "broken.html"
     broken.write_text("<p>x</p><script>console.error('boom')</script>")
     assert any("boom" in line for line in render(broken, tmp_path)[1])
+
+
+def test_step_ticks_are_whole_numbers_even_for_a_one_point_chart():
+    from n2a_core.report import _nice_ticks
+
+    # one eval at step 1500 spans 1499..1501: half-step ticks would all print as "1500"
+    assert _nice_ticks(1499, 1501, whole=True) == [1499, 1500, 1501]
+    assert _nice_ticks(0, 1500, whole=True) == [0, 500, 1000, 1500]
