@@ -35,7 +35,9 @@ def evaluate(
     device: Annotated[str, typer.Option(help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print only the JSON.")] = False,
 ) -> None:
-    """Draw N images (conditions drawn like the validation split's) and score them against it:
+    """Score a trained generator against its validation split (FD, KID, precision/recall).
+
+    Draws N images (conditions drawn like the validation split's) and scores them against it:
     Fréchet distance, KID ± its standard error, precision and recall (k=3) and, where the data
     has labels, how often a k-NN classifier puts an image in its condition's class.
     Writes RUN/eval/step-<step>-<extractor>.json and logs the numbers to the run's trackers

@@ -14,8 +14,10 @@ def report(
     run: Annotated[Path | None, typer.Argument(help="Run folder (default: the newest under ./runs).",
                                                show_default=False)] = None,
 ) -> None:
-    """Write RUN/report.html: both stages' curves, sample and reconstruction grids over training,
-    eval results, the model card and the spec, in one file that opens from disk (no server, no network)."""
+    """Write RUN/report.html, one page that opens from disk (no server, no network).
+
+    It holds both stages' curves, sample and reconstruction grids over training, eval results,
+    the model card and the spec."""
     from n2a_core.components import RunDir, newest_run
     from n2a_core.report import write_report
 

@@ -56,9 +56,10 @@ def sample(
     frames: Annotated[int, typer.Option(help="Frames of an --interpolate/--interpolate-seeds animation.",
                                         min=2, max=MAX_IMAGES)] = 8,
 ) -> None:
-    """Draw images from a trained run, an exported folder or a Hub id, and write PNGs (with
-    metadata), samples.jsonl and a grid; interpolations also write an animated GIF (and WebP).
-    A thin layer over `n2a_core.Pipeline`."""
+    """Draw images from a trained run, an exported folder or a Hub id.
+
+    Writes PNGs (with metadata), samples.jsonl and a grid; interpolations also write an
+    animated GIF (and WebP). A thin layer over `n2a_core.Pipeline`."""
     from n2a_core.components import newest_run
     from n2a_core.errors import SpecError
     from n2a_core.export import is_exported
