@@ -183,7 +183,7 @@ def test_latent_cache_counts_each_unreadable_image_once(tmp_path, caplog):
 ])
 def test_mistakes_stage_two_would_meet_stop_the_run_before_stage_one(tmp_path, extra, message):
     if "fp16" in message and torch.cuda.is_available():
-        pytest.skip("fp16 is fine on CUDA")
+        pytest.skip("fp16 is fine on CUDA")  # the mistake exists only without CUDA; the CPU run checks it
     out = tmp_path / "run"
     result = invoke("train", "--conditioner", "none", "--out", str(out), *sets(*extra))
     assert result.exit_code == 1 and message in result.output, result.output
