@@ -1,6 +1,7 @@
 """`n2a export RUN --format diffusers`: the trained models as diffusers models, in diffusers' layout.
 
-    DIR/vqvae/       the autoencoder (VQModel; config.scaling_factor = n2a's latent scale)
+    DIR/vqvae/       the autoencoder (VQModel or AutoencoderKL, LDMPipeline's folder name;
+                     config.scaling_factor = n2a's latent scale)
     DIR/unet/        the denoiser (UNet2DModel; class labels through its class embedding)
     DIR/scheduler/   DDIMScheduler config: the run's betas, prediction type, trailing spacing
     DIR/model_index.json            LDMPipeline, for unconditional models only (it passes no labels)
@@ -59,7 +60,8 @@ def export_diffusers(run_root: Path, out: Path, *, dtype: str = "fp32", device: 
         if spec.conditioner else None, "labels": labels, "null_class": len(labels) if labels is not None else None,
         "guidance": "n2a's w: (1+w) eps(z,c) - w eps(z,null); diffusers' guidance_scale = 1 + w",
         "latent_shape": [components.autoencoder.latent_channels, latent_size, latent_size],
-        "encoder": "VQModel.encode pads its down-sampling on the right/bottom only (diffusers' fixed choice); "
+        "encoder": f"{type(vqvae).__name__}.encode pads its down-sampling on the right/bottom only (diffusers' "
+                   "fixed choice); "
                    "n2a's encoder pads all sides, so encode differs while decode is the same function",
         "step": loaded.step, "spec_digest": spec.digest(), "license": spec.data.data_license() or "unknown",
     }
@@ -79,7 +81,7 @@ def export_diffusers(run_root: Path, out: Path, *, dtype: str = "fp32", device: 
             files.append(PROJECTION)
         if conditioning == "none":
             _write_json(tmp / "model_index.json", {
-                "_class_name": "LDMPipeline", "vqvae": ["diffusers", "VQModel"],
+                "_class_name": "LDMPipeline", "vqvae": ["diffusers", type(vqvae).__name__],
                 "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDIMScheduler"]})
             files.append("model_index.json")
         _write_json(tmp / "n2a.json", info)

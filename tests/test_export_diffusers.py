@@ -131,6 +131,27 @@ def test_an_unconditional_model_loads_as_an_ldm_pipeline(tmp_path):
     assert [im.size for im in images] == [(16, 16), (16, 16)]
 
 
+def test_a_kl_autoencoder_exports_as_autoencoder_kl(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    run, out = tmp_path / "run", tmp_path / "diffusers"
+    args = [a for s in (*TINY, "conditioner=null") if "codebook_size" not in s for a in ("--set", s)]
+    result = invoke("train", "--autoencoder", "kl-vae", "--out", str(run), *args)
+    assert result.exit_code == 0, result.output
+    assert invoke("export", str(run), "--format", "diffusers", "--out", str(out)).exit_code == 0
+    ours = load_run(run).components.autoencoder
+    theirs = AutoencoderKL.from_pretrained(out, subfolder="vqvae").eval()
+    assert theirs.config.scaling_factor == pytest.approx(float(ours.latent_scale))
+    z = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():  # decode is the same function; both take latents divided by the scale
+        assert (ours.decode(z) - theirs.decode(z / theirs.config.scaling_factor).sample).abs().max() < 1e-4
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["vqvae"] == ["diffusers", "AutoencoderKL"]
+    pipe = DiffusionPipeline.from_pretrained(out)
+    images = pipe(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
+    assert images[0].size == (16, 16)
+
+
 def test_a_caption_vector_model_maps_through_the_projection_embedding():
     torch.manual_seed(0)
     unet = UNet(in_channels=4, base_channels=16, channel_mult=[1, 2], num_res_blocks=1, num_heads=2,

@@ -31,7 +31,7 @@ from n2a_plugins.vqgan.losses import (
     group_count,
     load_lpips,
 )
-from n2a_plugins.vqgan.model import VQGAN
+from n2a_plugins.vqgan.model import VQGAN, AdversarialAutoencoder, KLAutoencoder
 from n2a_plugins.vqgan.quantizer import VectorQuantizer
 
 TINY = {"base_channels": 8, "channel_mult": (1, 2), "num_res_blocks": 1, "z_channels": 4, "codebook_size": 32}
@@ -495,6 +495,93 @@ def test_two_optimizer_loop_trains_both_players():
     assert not all(torch.equal(a, b) for a, b in zip(disc_before, model.discriminator_parameters(), strict=True))
 
 
+def test_feature_matching_is_the_mean_l1_between_discriminator_features():
+    torch.manual_seed(0)
+    model = tiny(disc_weight=0.0, feature_matching_weight=2.0, disc_start=1, disc_warmup=0, disc_layers=1,
+                 disc_channels=8, dead_code_reseed=False)  # fmt: skip
+    assert model.discriminator is not None  # feature matching alone still needs the discriminator
+    x = images(2)
+    assert model.training_losses(x, 0).logs["feature_matching"] == 0.0  # before disc_start
+    rec = model.decoder(model.quantizer.quantize(model.encoder(x))[0])
+    fake, real = model.discriminator.features(rec), model.discriminator.features(x)
+    assert torch.equal(fake[-1], model.discriminator(rec))  # the last "feature" is the logits
+    expected = sum((f - r).abs().mean() for f, r in zip(fake[:-1], real[:-1], strict=True)) / (len(fake) - 1)
+    out = model.training_losses(x, 1)
+    assert out.logs["feature_matching"] == pytest.approx(expected.item(), rel=1e-5)
+    assert out.logs["d_weight"] == 0.0
+    # The term trains the decoder: its loss is the plain one plus 2 x feature matching.
+    plain = (x - rec).abs().mean() + model.quantizer.loss(model.quantizer(model.encoder(x)))
+    assert out.loss.item() == pytest.approx((plain + 2.0 * expected).item(), rel=1e-5)
+
+
+def tiny_kl(**overrides) -> KLAutoencoder:
+    shared = {k: v for k, v in TINY.items() if k != "codebook_size"}
+    return KLAutoencoder(**{**shared, "disc_weight": 0.0, **overrides})
+
+
+def test_kl_bottleneck_is_the_closed_form_gaussian_kl():
+    model = tiny_kl(kl_weight=0.5)
+    mean = torch.tensor([0.5, -1.0, 2.0, 0.0]).view(1, 4, 1, 1).expand(2, 4, 3, 3)
+    log_var = torch.tensor([0.0, -2.0, 1.0, 0.3]).view(1, 4, 1, 1).expand(2, 4, 3, 3)
+    neck = model.bottleneck(torch.cat([mean, log_var], dim=1))
+    # KL(N(m, s^2) || N(0, 1)) = (m^2 + s^2 - 1 - log s^2) / 2 per element, summed per image.
+    per_image = 9 * sum(0.5 * (m * m + math.exp(v) - 1 - v) for m, v in [(0.5, 0), (-1, -2), (2, 1), (0, 0.3)])
+    assert neck.logs["kl"].item() == pytest.approx(per_image, rel=1e-5)
+    image_elements = 3 * (3 * 2) * (3 * 2)  # f = 2: 3 x 3 latents decode to 6 x 6 images
+    assert neck.loss.item() == pytest.approx(0.5 * per_image / image_elements, rel=1e-5)
+
+
+def test_kl_bottleneck_samples_the_posterior():
+    torch.manual_seed(0)
+    model = tiny_kl()
+    mean, log_var = torch.full((4000, 4, 1, 1), 1.5), torch.full((4000, 4, 1, 1), math.log(0.25))
+    z = model.bottleneck(torch.cat([mean, log_var], dim=1)).z
+    assert z.mean().item() == pytest.approx(1.5, abs=0.02)
+    assert z.std().item() == pytest.approx(0.5, abs=0.02)
+
+
+def test_kl_autoencoder_encodes_the_posterior_mean_and_round_trips():
+    torch.manual_seed(0)
+    model = tiny_kl().eval()
+    x = images(3)
+    mean = model.encoder(x)[:, :4]
+    torch.testing.assert_close(model.encode(x), mean)
+    model.estimate_latent_scale(x)
+    assert model.encode(x).std().item() == pytest.approx(1.0, rel=1e-4)
+    torch.testing.assert_close(model.decode(model.encode(x)), model.reconstruct(x), rtol=1e-5, atol=1e-5)
+    assert not hasattr(model, "codebook_indices")  # no codebook: eval reports no usage
+
+
+@pytest.mark.slow
+def test_kl_autoencoder_learns_and_its_weights_round_trip(tmp_path):
+    from n2a_core.checkpoint import load_autoencoder_weights
+
+    torch.manual_seed(0)
+    x = shapes()
+    model = KLAutoencoder(base_channels=16, channel_mult=(1, 2, 2), disc_weight=0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    start = psnr(model.reconstruct(x), x)
+    for step in range(150):  # as the VQGAN's overfitting test below
+        out = model.training_losses(x, step)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert psnr(model.reconstruct(x), x) - start > 8.0
+    save_file(model.state_dict(), tmp_path / "w.safetensors")
+    loaded = KLAutoencoder(base_channels=16, channel_mult=(1, 2, 2), disc_weight=0.0)
+    load_autoencoder_weights(loaded, tmp_path / "w.safetensors")
+    assert torch.equal(loaded.reconstruct(x), model.reconstruct(x))
+
+
+def test_registry_builds_the_kl_autoencoder():
+    registry = get_registry()
+    spec = registry.validate_spec("autoencoder", {"type": "kl-vae", "base_channels": 8, "z_channels": 3})
+    model = registry.build("autoencoder", spec)
+    assert isinstance(model, KLAutoencoder) and model.latent_channels == 3 and model.downsample_factor == 4
+    with pytest.raises(SpecError, match="codebook_size"):
+        registry.validate_spec("autoencoder", {"type": "kl-vae", "codebook_size": 8})
+
+
 @pytest.mark.slow
 def test_tiny_vqgan_overfits_eight_shape_images():
     """8 PIL shape images, 150 Adam steps on L1 + L_VQ: PSNR rises by more than 8 dB."""
@@ -548,13 +635,17 @@ def test_spec_rejects_bad_values(data, message):
         get_registry().validate_spec("autoencoder", {"type": "vqgan", **data})
 
 
-def test_model_defaults_match_the_spec_defaults():
+@pytest.mark.parametrize("model_class, spec_name", [(VQGAN, "VQGANSpec"), (KLAutoencoder, "KLAutoencoderSpec")])
+def test_model_defaults_match_the_spec_defaults(model_class, spec_name):
     import inspect
 
-    from n2a_plugins.vqgan import VQGANSpec
+    import n2a_plugins.vqgan
 
-    model_defaults = {k: p.default for k, p in inspect.signature(VQGAN).parameters.items()}
-    for key, value in VQGANSpec().params().items():
+    spec = getattr(n2a_plugins.vqgan, spec_name)()
+    model_defaults = {k: p.default for cls in (AdversarialAutoencoder, model_class)
+                      for k, p in inspect.signature(cls).parameters.items()
+                      if p.kind is p.POSITIONAL_OR_KEYWORD and k != "encoder_channels"}
+    for key, value in spec.params().items():
         default = model_defaults[key]
         assert (list(default) if isinstance(default, tuple) else default) == value, key
-    assert set(model_defaults) == set(VQGANSpec().params())
+    assert set(model_defaults) == set(spec.params())

@@ -1,4 +1,5 @@
-"""The VQGAN as a diffusers `VQModel` with the same weights (`n2a export --format diffusers`).
+"""The VQGAN as a diffusers `VQModel`, the KL autoencoder as an `AutoencoderKL`, with the same
+weights (`n2a export --format diffusers`).
 
 Block for block the two are the same network (taming's layout: pre-activation ResNet
 blocks, one-head attention, GroupNorm eps 1e-6, nearest + conv up-sampling, one extra
@@ -20,18 +21,23 @@ import torch
 
 from n2a_core import SpecError
 from n2a_plugins.vqgan.losses import group_count
-from n2a_plugins.vqgan.model import VQGAN, AttnBlock, Downsample, ResnetBlock, Upsample
+from n2a_plugins.vqgan.model import (
+    VQGAN,
+    AdversarialAutoencoder,
+    AttnBlock,
+    Downsample,
+    KLAutoencoder,
+    ResnetBlock,
+    Upsample,
+)
 
 
-def check_exportable(model: VQGAN, channels: list[int]) -> int:
+def check_groups(channels: list[int]) -> int:
     """The one GroupNorm group count diffusers needs; SpecError naming the option otherwise."""
-    if model.quantizer.l2_normalize:
-        raise SpecError("autoencoder.l2_normalize_codes: diffusers' VQModel looks codes up by plain "
-                        "Euclidean distance, not cosine similarity; no diffusers equivalent")
     groups = {group_count(c) for c in channels}
     if len(groups) != 1:
         raise SpecError(f"autoencoder.base_channels: GroupNorm groups differ between levels ({sorted(groups)}, "
-                        "gcd(32, channels)); diffusers' VQModel uses one norm_num_groups")
+                        "gcd(32, channels)); diffusers' autoencoders use one norm_num_groups")
     return groups.pop()
 
 
@@ -75,25 +81,25 @@ def _middle(out: dict, mid, dst: str) -> None:
     _resnet(out, mid[2], f"{dst}.resnets.1")
 
 
-def to_vqmodel(model: VQGAN, base_channels: int, channel_mult: list[int], num_res_blocks: int,
-               attention_levels: list[int], sample_size: int):
-    """A diffusers VQModel holding `model`'s weights (see the module docstring)."""
-    from diffusers import VQModel
-
+def _config(model: AdversarialAutoencoder, base_channels: int, channel_mult: list[int], num_res_blocks: int,
+            attention_levels: list[int], sample_size: int) -> dict:
+    """The constructor arguments VQModel and AutoencoderKL share, for `model`'s network."""
     channels = [base_channels * m for m in channel_mult]
-    groups = check_exportable(model, channels)
     levels = range(len(channel_mult))
-    z = model.latent_channels
-    vq = VQModel(
+    return dict(
         in_channels=3, out_channels=3,
         down_block_types=[("AttnDownEncoderBlock2D" if i in attention_levels else "DownEncoderBlock2D")
                           for i in levels],
         up_block_types=[("AttnUpDecoderBlock2D" if i in attention_levels else "UpDecoderBlock2D")
                         for i in reversed(levels)],
-        block_out_channels=channels, layers_per_block=num_res_blocks, act_fn="silu", latent_channels=z,
-        sample_size=sample_size, num_vq_embeddings=model.quantizer.num_codes, norm_num_groups=groups,
-        vq_embed_dim=z, scaling_factor=float(model.latent_scale), mid_block_add_attention=True,
+        block_out_channels=channels, layers_per_block=num_res_blocks, act_fn="silu",
+        latent_channels=model.latent_channels, sample_size=sample_size, norm_num_groups=check_groups(channels),
+        scaling_factor=float(model.latent_scale), mid_block_add_attention=True,
     )  # fmt: skip
+
+
+def _coder_weights(model: AdversarialAutoencoder) -> dict[str, torch.Tensor]:
+    """The encoder's and decoder's weights under diffusers' names (the same in both classes)."""
     out: dict[str, torch.Tensor] = {}
     for side, coder in (("encoder", model.encoder), ("decoder", model.decoder)):
         out[f"{side}.conv_in.weight"], out[f"{side}.conv_in.bias"] = coder.conv_in.weight, coder.conv_in.bias
@@ -103,9 +109,36 @@ def to_vqmodel(model: VQGAN, base_channels: int, channel_mult: list[int], num_re
         out[f"{side}.conv_out.weight"], out[f"{side}.conv_out.bias"] = coder.conv_out.weight, coder.conv_out.bias
     _blocks(out, model.encoder.down, "encoder.down_blocks", "downsamplers")
     _blocks(out, model.decoder.up, "decoder.up_blocks", "upsamplers")
+    return out
+
+
+def _loaded(target, weights: dict[str, torch.Tensor]):
+    target.load_state_dict({k: v.detach().float().clone() for k, v in weights.items()}, strict=True)
+    return target.eval()
+
+
+def to_vqmodel(model: VQGAN, **architecture):
+    """A diffusers VQModel holding `model`'s weights (see the module docstring)."""
+    from diffusers import VQModel
+
+    if model.quantizer.l2_normalize:
+        raise SpecError("autoencoder.l2_normalize_codes: diffusers' VQModel looks codes up by plain "
+                        "Euclidean distance, not cosine similarity; no diffusers equivalent")
+    z = model.latent_channels
+    config = _config(model, **architecture)
+    vq = VQModel(**config, num_vq_embeddings=model.quantizer.num_codes, vq_embed_dim=z)
+    out = _coder_weights(model)
     identity = torch.eye(z)[:, :, None, None]
     for conv in ("quant_conv", "post_quant_conv"):
         out[f"{conv}.weight"], out[f"{conv}.bias"] = identity, torch.zeros(z)
     out["quantize.embedding.weight"] = model.quantizer.embedding.weight
-    vq.load_state_dict({k: v.detach().float().clone() for k, v in out.items()}, strict=True)
-    return vq.eval()
+    return _loaded(vq, out)
+
+
+def to_autoencoder_kl(model: KLAutoencoder, **architecture):
+    """A diffusers AutoencoderKL holding `model`'s weights: the encoder's output is the
+    same (mean, log-variance) pair, and n2a has no 1x1 quant convs, so they are left out."""
+    from diffusers import AutoencoderKL
+
+    kl = AutoencoderKL(**_config(model, **architecture), use_quant_conv=False, use_post_quant_conv=False)
+    return _loaded(kl, _coder_weights(model))
