@@ -2,11 +2,12 @@
 test image goes through decode(encode(x)), and the reconstructions are scored against the
 real test split like samples are (FD, KID, precision, recall, clean rate, cond_acc).
 
-    python -m benchmarks.yardstick RUN [--yardstick ../shared/yardstick]
+    python -m benchmarks.yardstick RUN [--yardstick ../shared/yardstick] [--latent-noise 0.2]
 
-The reconstructions land in RUN/yardstick/recon/<category>/ with a metadata.jsonl, and
-score.py's JSON in RUN/yardstick/recon/score.json (also the last line printed). The
-samples' side of the protocol is the yardstick's own `sample_score.sh`.
+The reconstructions land in RUN/yardstick/recon/<category>/ (recon-noise<σ>/ with
+--latent-noise) with a metadata.jsonl, and score.py's JSON in score.json there (also the
+last line printed). The samples' side of the protocol is the yardstick's own
+`sample_score.sh`.
 """
 
 from __future__ import annotations
@@ -43,8 +44,11 @@ def save_image(x: torch.Tensor, path: Path) -> None:
 
 
 @torch.no_grad()
-def reconstruct_split(run: Path, split: Path, out: Path, batch_size: int = 64) -> int:
-    """decode(encode(x)) of every PNG under split/<category>/ into out/<category>/."""
+def reconstruct_split(run: Path, split: Path, out: Path, batch_size: int = 64, latent_noise: float = 0.0) -> int:
+    """decode(encode(x) + latent_noise * N(0, I)) of every PNG under split/<category>/ into
+    out/<category>/. The noise is in stage 2's units (latents scaled to unit variance), so
+    latent_noise > 0 asks how gracefully the decoder takes the small errors a denoiser
+    leaves in its latents: a decoder that turns them into speckle caps sample quality."""
     from n2a_core.checkpoint import load_autoencoder_weights
     from n2a_core.components import RunDir, build_components
     from n2a_core.specs import resolve_run_spec
@@ -58,7 +62,10 @@ def reconstruct_split(run: Path, split: Path, out: Path, batch_size: int = 64) -
     rows = []
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
-        recon = model.decode(model.encode(torch.stack([load_image(f) for f in chunk])))
+        latents = model.encode(torch.stack([load_image(f) for f in chunk]))
+        generator = torch.Generator().manual_seed(start)
+        latents = latents + latent_noise * torch.randn(latents.shape, generator=generator)
+        recon = model.decode(latents)
         for f, x in zip(chunk, recon, strict=True):
             (out / f.parent.name).mkdir(parents=True, exist_ok=True)
             save_image(x, out / f.parent.name / f.name)
@@ -72,10 +79,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("--yardstick", type=Path, default=DEFAULT_YARDSTICK)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--latent-noise", type=float, default=0.0,
+                        help="std of Gaussian noise added to the unit-variance latents before decoding")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = args.run / "yardstick" / "recon"
-    count = reconstruct_split(args.run, args.yardstick / "data" / "test", out)
+    out = args.run / "yardstick" / ("recon" if args.latent_noise == 0 else f"recon-noise{args.latent_noise:g}")
+    count = reconstruct_split(args.run, args.yardstick / "data" / "test", out, latent_noise=args.latent_noise)
     print(f"{count} reconstructions in {out}", file=sys.stderr)
     score = subprocess.run(
         [sys.executable, str(args.yardstick / "score.py"), "--real", str(args.yardstick / "data" / "test"),

@@ -73,6 +73,11 @@ class AutoencoderTrainingSpec(OptimSpec):
     warmup_steps: int = Field(0, ge=0)
     lr_decay: Literal["constant", "cosine", "linear"] = "constant"
     batch_size: int = Field(16, ge=1)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    """Keep an exponential moving average of the encoder and decoder weights (not the
+    discriminator's) with this decay, warmed up as the denoiser's is, and export the average
+    to stage 2 (None: export the last weights). Under a GAN loss the last weights carry the
+    adversarial game's latest swing; the average does not."""
 
 
 class DiffusionTrainingSpec(OptimSpec):
@@ -145,14 +150,23 @@ class RunSpecBase(N2ASpec):
     def component(self, kind: str) -> ComponentSpec | list[ComponentSpec] | None:
         return getattr(self, KINDS[kind].field)
 
-    def digest(self, *fields: str, operational: frozenset[str] | None = None) -> str:
+    def digest(self, *fields: str, operational: frozenset[str] | None = None,
+               added: dict[str, Any] | None = None) -> str:
         """A short stable hash of the given fields (all when none), for cache keys and
         checkpoint checks. Operational fields (step counts, batch sizes, logging cadence) are
-        left out, so a run can be resumed for longer, with another batch or logged differently.
-        `operational`: another set to leave out (FORMER_OPERATIONAL_FIELDS for old checkpoints)."""
+        left out, so a run can be resumed for longer, with another batch or logged differently,
+        and so are fields added in later versions while they hold the value that keeps the old
+        behaviour (ADDED_FIELDS), so a run made before they existed still resumes.
+        `operational`, `added`: other sets to leave out (see `earlier_digests`)."""
         data = _without(self.model_dump(mode="json", include=set(fields) if fields else None),
-                        OPERATIONAL_FIELDS if operational is None else operational)
+                        OPERATIONAL_FIELDS if operational is None else operational,
+                        ADDED_FIELDS if added is None else added)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def earlier_digests(self, *fields: str) -> tuple[str, ...]:
+        """The digests earlier versions computed for the same fields, which their checkpoints
+        carry: before batch sizes could change on resume, and before ADDED_FIELDS were left out."""
+        return (self.digest(*fields, operational=FORMER_OPERATIONAL_FIELDS), self.digest(*fields, added={}))
 
 
 def parse_duration(text: str) -> float:
@@ -181,9 +195,19 @@ FORMER_OPERATIONAL_FIELDS = OPERATIONAL_FIELDS - {"batch_size"}
 then carry digests with them, and still resume."""
 
 
-def _without(data: Any, keys: frozenset[str]) -> Any:
+ADDED_FIELDS: dict[str, Any] = {
+    "feature_matching_weight": 0.0,  # the autoencoders' discriminator feature matching
+    "ema_decay": None,  # autoencoder_training's (the denoiser's is a number, never None)
+}
+"""Fields added after runs were already being made, with the value that behaves as before
+they existed: digests leave them out while they hold it. Add each new field that changes
+nothing at its default here."""
+
+
+def _without(data: Any, keys: frozenset[str], added: dict[str, Any]) -> Any:
     if isinstance(data, dict):
-        return {k: _without(v, keys) for k, v in data.items() if k not in keys}
+        return {k: _without(v, keys, added) for k, v in data.items()
+                if k not in keys and not (k in added and v == added[k])}
     return data
 
 

@@ -250,3 +250,19 @@ def test_yardstick_reconstructions_are_the_autoencoders_round_trip(tmp_path):
         with torch.no_grad():
             expected = model.decode(model.encode(x[None]))[0].clamp(-1, 1)
         assert (load_image(out / row["file"]) - expected).abs().max() <= 1.01 / 127.5  # one 8-bit step
+
+    # --latent-noise: the same round trip with N(0, sigma^2) added to the unit-variance
+    # latents, one generator per batch seeded by its first index
+    noisy = tmp_path / "noisy"
+    assert reconstruct_split(run, split, noisy, batch_size=4, latent_noise=0.5) == 6
+    files = sorted(split.glob("*/*.png"))
+    for start in range(0, len(files), 4):
+        chunk = files[start:start + 4]
+        with torch.no_grad():
+            latents = model.encode(torch.stack([load_image(f) for f in chunk]))
+            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(start))
+            expected = model.decode(latents + 0.5 * noise).clamp(-1, 1)
+        for f, x in zip(chunk, expected, strict=True):
+            got = load_image(noisy / f.parent.name / f.name)
+            assert (got - x).abs().max() <= 1.01 / 127.5
+            assert (got - load_image(out / f.parent.name / f.name)).abs().max() > 2 / 127.5

@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli.main import create_app
-from n2a_core.checkpoint import latest_checkpoint, load_checkpoint
+from n2a_core.checkpoint import latest_checkpoint, load_checkpoint, load_weights
 
 TINY = [
     "data.image_size=16", "data.limit=48", "data.val_fraction=0.2",
@@ -136,6 +136,34 @@ def test_resumed_pipeline_matches_uninterrupted(tmp_path):
     for group in ("module.model", "stage.ema"):
         for name, tensor in a[group].items():
             assert torch.equal(tensor, b[group][name]), f"{group}/{name}"
+
+
+def test_autoencoder_average_is_exported_and_resumes_exactly(tmp_path):
+    """With autoencoder_training.ema_decay stage 2 gets the encoder/decoder average while the
+    discriminator's weights stay live; a stage 1 stopped at 2 and resumed to 4 ends where a
+    straight one does, although it previews (swapping the average in and out) at every step."""
+    common = ("autoencoder_training.ema_decay=0.5", "autoencoder.disc_start=1")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert invoke("train-autoencoder", "--out", str(straight), *sets(*common)).exit_code == 0
+    previews = sets(*common, "autoencoder_training.sample_every=1")
+    assert invoke("train-autoencoder", "--out", str(resumed), "--max-steps", "2", *previews).exit_code == 0
+    again = invoke("train-autoencoder", "--out", str(resumed), "--resume", *previews)
+    assert again.exit_code == 0, again.output
+    a, state = load_checkpoint(latest_checkpoint(straight / "autoencoder" / "checkpoints"))
+    b, _ = load_checkpoint(latest_checkpoint(resumed / "autoencoder" / "checkpoints"))
+    assert state["step"] == 4
+    for group in ("module.autoencoder", "stage.ema"):
+        for name, tensor in a[group].items():
+            assert torch.equal(tensor, b[group][name]), f"{group}/{name}"
+
+    live, average = a["module.autoencoder"], a["stage.ema"]
+    exported = load_weights(straight / "autoencoder" / "weights.safetensors")
+    discriminator = {k for k in live if k.startswith("discriminator.")}
+    assert discriminator and not discriminator & set(average)
+    assert all(torch.equal(exported[k], live[k]) for k in discriminator)
+    averaged = [k for k, v in average.items() if v.is_floating_point() and k != "latent_scale"]
+    assert all(torch.equal(exported[k], average[k]) for k in averaged)
+    assert any(not torch.equal(average[k], live[k]) for k in averaged)
 
 
 def test_max_steps_caps_both_stages_and_resume_goes_on_to_the_spec(tmp_path):

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import types
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -390,6 +391,25 @@ def test_batch_sizes_may_change_on_resume_and_old_digests_stay_known(registry):
     # the digests runs started before carry in their checkpoints still tell the batch sizes apart
     old = [s.digest("training", operational=FORMER_OPERATIONAL_FIELDS) for s in (a, b)]
     assert old[0] != old[1] and old[0] != a.digest("training")
+
+
+def test_fields_added_later_keep_old_runs_digests():
+    """A run made before feature_matching_weight and autoencoder_training.ema_decay existed
+    resumes: the digests its checkpoints carry (recorded then) are still this spec's, and
+    setting a new field away from its old behaviour still tells the specs apart."""
+    from n2a_core.specs import read_spec_file
+    from n2a_core.training.run import AUTOENCODER_FIELDS, DIFFUSION_FIELDS
+
+    old = resolve_run_spec(read_spec_file(Path(__file__).parent / "data" / "spec_14cbb99.yaml"))
+    assert old.autoencoder.feature_matching_weight == 0.0 and old.autoencoder_training.ema_decay is None
+    assert old.digest(*AUTOENCODER_FIELDS) == "eb794a2fbf3956fc"
+    assert old.digest(*DIFFUSION_FIELDS) == "1d70f404919a3912"
+    # the form the previous version wrote (the new fields in, at their defaults) stays accepted
+    assert old.digest(*AUTOENCODER_FIELDS, added={}) in old.earlier_digests(*AUTOENCODER_FIELDS)
+    assert old.digest(*AUTOENCODER_FIELDS, added={}) != old.digest(*AUTOENCODER_FIELDS)
+    for change in ("autoencoder.feature_matching_weight=1.0", "autoencoder_training.ema_decay=0.999"):
+        changed = resolve_run_spec(old.model_dump(mode="json"), overrides=[change])
+        assert changed.digest(*AUTOENCODER_FIELDS) != old.digest(*AUTOENCODER_FIELDS), change
 
 
 def test_time_budget_reads_durations_and_refuses_the_rest(registry):

@@ -349,6 +349,26 @@ def test_ema_math():
     assert warm.decay_at(10**6) == pytest.approx(0.999)
 
 
+def test_ema_skips_what_it_is_told_and_copies_the_rest():
+    """The autoencoder's average leaves the discriminator out: skipped tensors are neither
+    averaged nor overwritten, and a module of another shape is refused."""
+    model = nn.Sequential(nn.Linear(2, 1, bias=False), nn.Linear(1, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.fill_(0.0)
+        model[1].weight.fill_(5.0)
+    ema = EMA(model, decay=0.5, warmup=0, skip=frozenset({"1.weight"}))
+    assert set(ema.shadow) == {"0.weight"}
+    with torch.no_grad():
+        model[0].weight.fill_(2.0)
+        model[1].weight.fill_(7.0)
+    ema.update(model, step=1)
+    ema.copy_to(model)
+    torch.testing.assert_close(model[0].weight, torch.full((1, 2), 1.0))
+    torch.testing.assert_close(model[1].weight, torch.full((1, 1), 7.0))
+    with pytest.raises(KeyError, match="does not match"):
+        ema.copy_to(nn.Sequential(nn.Linear(2, 1, bias=False)))
+
+
 def test_diffusion_spec_defaults_are_paperlike():
     spec = DiffusionTrainingSpec()
     assert spec.p_uncond == 0.1 and 0.99 <= spec.ema_decay < 1

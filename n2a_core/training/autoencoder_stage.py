@@ -29,6 +29,7 @@ from n2a_core.checkpoint import save_weights
 from n2a_core.errors import CheckpointError
 from n2a_core.specs import AutoencoderTrainingSpec
 from n2a_core.training.loop import OptimizerSlot, Stage, adamw
+from n2a_core.training.objective import EMA
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -49,6 +50,15 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7) -> torch.Tensor:
     return s.flatten(1).mean(1)
 
 
+def discriminator_state_keys(model: Autoencoder) -> frozenset[str]:
+    """State-dict keys of the sub-modules that hold only discriminator parameters (their
+    buffers included), so an average of the autoencoder's weights can leave them out."""
+    disc = {id(p) for p in model.discriminator_parameters()}
+    prefixes = [f"{name}." for name, module in model.named_modules()
+                if name and (params := list(module.parameters())) and all(id(p) in disc for p in params)]
+    return frozenset(k for k in model.state_dict() if any(k.startswith(p) for p in prefixes))
+
+
 class AutoencoderStage(Stage):
     name = "autoencoder"
 
@@ -60,6 +70,9 @@ class AutoencoderStage(Stage):
         disc = model.discriminator_parameters()
         if disc:
             self._slots["discriminator"] = adamw(disc, spec.disc_lr or spec.lr, spec.weight_decay, (0.5, 0.9))
+        self.ema = None
+        if spec.ema_decay is not None:
+            self.ema = EMA(model, spec.ema_decay, skip=discriminator_state_keys(model))
 
     def modules(self) -> dict[str, nn.Module]:
         return {"autoencoder": self.model}
@@ -72,12 +85,35 @@ class AutoencoderStage(Stage):
         out = self.model.training_losses(batch["image"].to(self.device, non_blocking=True), step)
         return {"autoencoder": out.loss, "discriminator": out.discriminator_loss}, dict(out.logs)
 
+    def after_step(self, step: float) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model, step)
+
+    def state(self):
+        return ({"ema": self.ema.state_dict()}, {}) if self.ema is not None else ({}, {})
+
+    def load_state(self, tensors, meta) -> None:
+        if self.ema is not None:
+            self.ema.load_state_dict(tensors["ema"])
+
+    def use_average(self) -> None:
+        """Put the averaged weights into the model for good (the end of the stage: they are
+        what is exported and what stage 2 encodes with)."""
+        if self.ema is not None:
+            self.ema.copy_to(self.model)
+
     @torch.no_grad()
     def periodic(self, step: int, final: bool) -> dict[str, float]:
         if step % self.spec.sample_every and not final:
             return {}
         self.model.eval()
+        live = None
+        if self.ema is not None:  # preview what would be exported, then train on
+            live = {k: v.clone() for k, v in self.model.state_dict().items()}
+            self.ema.copy_to(self.model)
         recon = self.model.decode(self.model.encode(self.preview)).clamp(-1, 1)
+        if live is not None:
+            self.model.load_state_dict(live)
         if self.save_grid is not None:
             grids = self.out_dir / "grids"
             grids.mkdir(parents=True, exist_ok=True)

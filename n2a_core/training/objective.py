@@ -87,9 +87,11 @@ class EMA:
     so the EMA is not dominated by the random initialisation.
     """
 
-    def __init__(self, module: nn.Module, decay: float, warmup: int = 10):
-        self.decay, self.warmup = decay, warmup
-        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    def __init__(self, module: nn.Module, decay: float, warmup: int = 10, skip: frozenset[str] = frozenset()):
+        """`skip`: state-dict keys left out of the average (kept as the module has them),
+        e.g. a GAN's discriminator, which only the live weights need."""
+        self.decay, self.warmup, self.skip = decay, warmup, skip
+        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items() if k not in skip}
 
     def decay_at(self, step: int) -> float:
         if self.warmup <= 0:
@@ -119,4 +121,6 @@ class EMA:
             self.shadow[k].copy_(v)
 
     def copy_to(self, module: nn.Module) -> None:
-        module.load_state_dict(self.shadow)
+        missing, unexpected = module.load_state_dict(self.shadow, strict=False)
+        if set(missing) != self.skip or unexpected:
+            raise KeyError(f"EMA state does not match the module: {sorted(set(missing) ^ self.skip)[:5]}")

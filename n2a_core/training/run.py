@@ -38,7 +38,7 @@ from n2a_core.plugins import get_registry
 from n2a_core.progress import progress_bar
 from n2a_core.report import write_report
 from n2a_core.safe_files import RunLock, remove_leftovers
-from n2a_core.specs import FORMER_OPERATIONAL_FIELDS, DiffusionTrainingSpec, RunSpecBase, resolve_run_spec
+from n2a_core.specs import DiffusionTrainingSpec, RunSpecBase, resolve_run_spec
 from n2a_core.tracking import Trackers, build_trackers
 from n2a_core.training import distributed
 from n2a_core.training.autoencoder_stage import AutoencoderStage, export_autoencoder
@@ -399,9 +399,10 @@ def train_autoencoder_stage(s: Session, max_steps: int | None = None) -> None:
     stream = BatchStream(s.splits.train, batch, spec.seed, collate_samples, tspec.num_workers,
                          rank=dist.rank, world_size=dist.world_size)
     loop = TrainingLoop(stage, tspec, stream, s.run.autoencoder, device=s.device, spec_digest=digest,
-                        earlier_digests=(spec.digest(*AUTOENCODER_FIELDS, operational=FORMER_OPERATIONAL_FIELDS),),
+                        earlier_digests=spec.earlier_digests(*AUTOENCODER_FIELDS),
                         dist=dist, trackers=s.trackers)
     resume_and_run(loop, "stage 1: autoencoder", max_steps, stage_budgets(spec, s.run)[0], s.show_progress)
+    stage.use_average()
     calibrate_autoencoder(s)
 
 
@@ -520,7 +521,7 @@ def train_diffusion_stage(s: Session, max_steps: int | None = None) -> Path:
                          tspec.num_workers if not tspec.latent_cache else 0, rank=dist.rank, world_size=dist.world_size)
     loop = TrainingLoop(stage, tspec, stream, s.run.diffusion, device=s.device,
                         spec_digest=spec.digest(*DIFFUSION_FIELDS),
-                        earlier_digests=(spec.digest(*DIFFUSION_FIELDS, operational=FORMER_OPERATIONAL_FIELDS),),
+                        earlier_digests=spec.earlier_digests(*DIFFUSION_FIELDS),
                         dist=dist, trackers=s.trackers)
     resume_and_run(loop, "stage 2: diffusion", max_steps, stage_budgets(spec, s.run)[1], s.show_progress)
     return s.run.diffusion
