@@ -75,9 +75,10 @@ class AutoencoderTrainingSpec(OptimSpec):
     batch_size: int = Field(16, ge=1)
     ema_decay: float | None = Field(None, gt=0, lt=1)
     """Keep an exponential moving average of the encoder and decoder weights (not the
-    discriminator's) with this decay, warmed up as the denoiser's is, and export the average
-    to stage 2 (None: export the last weights). Under a GAN loss the last weights carry the
-    adversarial game's latest swing; the average does not."""
+    discriminator's) with this decay, warmed up as min(ema_decay, k / (k + 10)) at step k,
+    and export the average to stage 2 (None: export the last weights). Under a GAN loss the
+    last weights carry the adversarial game's latest swing; the average does not
+    (docs/quality.md measures it)."""
 
 
 class DiffusionTrainingSpec(OptimSpec):
