@@ -63,8 +63,9 @@ def reconstruct_split(run: Path, split: Path, out: Path, batch_size: int = 64, l
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
         latents = model.encode(torch.stack([load_image(f) for f in chunk]))
-        generator = torch.Generator().manual_seed(start)
-        latents = latents + latent_noise * torch.randn(latents.shape, generator=generator)
+        if latent_noise:
+            generator = torch.Generator().manual_seed(start)
+            latents = latents + latent_noise * torch.randn(latents.shape, generator=generator)
         recon = model.decode(latents)
         for f, x in zip(chunk, recon, strict=True):
             (out / f.parent.name).mkdir(parents=True, exist_ok=True)

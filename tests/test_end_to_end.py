@@ -130,12 +130,19 @@ def test_resumed_pipeline_matches_uninterrupted(tmp_path):
     assert first.exit_code == 0, first.output
     again = invoke("train", "--out", str(resumed), "--resume", "--conditioner", "class-label", *common)
     assert again.exit_code == 0, again.output
-    a, _ = load_checkpoint(latest_checkpoint(straight / "diffusion" / "checkpoints"))
-    b, state = load_checkpoint(latest_checkpoint(resumed / "diffusion" / "checkpoints"))
-    assert state["step"] == 4
-    for group in ("module.model", "stage.ema"):
+    assert_same_last_checkpoint(straight / "diffusion", resumed / "diffusion", ("module.model", "stage.ema"))
+
+
+def assert_same_last_checkpoint(a_stage, b_stage, groups, step=4):
+    """Both stage folders' newest checkpoints are at `step` and hold equal tensors in
+    `groups`; returns the first one's tensors."""
+    a, a_state = load_checkpoint(latest_checkpoint(a_stage / "checkpoints"))
+    b, b_state = load_checkpoint(latest_checkpoint(b_stage / "checkpoints"))
+    assert a_state["step"] == b_state["step"] == step
+    for group in groups:
         for name, tensor in a[group].items():
             assert torch.equal(tensor, b[group][name]), f"{group}/{name}"
+    return a
 
 
 def test_autoencoder_average_is_exported_and_resumes_exactly(tmp_path):
@@ -149,12 +156,8 @@ def test_autoencoder_average_is_exported_and_resumes_exactly(tmp_path):
     assert invoke("train-autoencoder", "--out", str(resumed), "--max-steps", "2", *previews).exit_code == 0
     again = invoke("train-autoencoder", "--out", str(resumed), "--resume", *previews)
     assert again.exit_code == 0, again.output
-    a, state = load_checkpoint(latest_checkpoint(straight / "autoencoder" / "checkpoints"))
-    b, _ = load_checkpoint(latest_checkpoint(resumed / "autoencoder" / "checkpoints"))
-    assert state["step"] == 4
-    for group in ("module.autoencoder", "stage.ema"):
-        for name, tensor in a[group].items():
-            assert torch.equal(tensor, b[group][name]), f"{group}/{name}"
+    a = assert_same_last_checkpoint(straight / "autoencoder", resumed / "autoencoder",
+                                    ("module.autoencoder", "stage.ema"))
 
     live, average = a["module.autoencoder"], a["stage.ema"]
     exported = load_weights(straight / "autoencoder" / "weights.safetensors")
