@@ -223,38 +223,77 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
+def start_and_wait_for_set_up(out: Path, *args: str) -> tuple[multiprocessing.Process, float]:
+    """Start `n2a train --out out ...`; return it once it has (re)written out/spec.yaml, that
+    is once it has read the data, built the models and begins to train, with the seconds
+    that took."""
+    started, started_ns = time.monotonic(), time.time_ns()
+    trainer = start("train", "--out", str(out), *args)
+    spec = out / "spec.yaml"
+    while trainer.is_alive() and not (spec.is_file() and spec.stat().st_mtime_ns >= started_ns):
+        time.sleep(0.005)
+    return trainer, time.monotonic() - started
+
+
 @pytest.mark.slow
 def test_runs_killed_at_random_moments_resume_to_the_same_weights(tmp_path):
     args = (*UNCONDITIONAL, *sets(*KILL_SPEC))
     started = time.monotonic()
-    straight = start("train", "--out", str(tmp_path / "straight"), *args)
+    straight, set_up_s = start_and_wait_for_set_up(tmp_path / "straight", *args)
     straight.join(900)
     assert straight.exitcode == 0
-    duration = time.monotonic() - started
+    training_s = time.monotonic() - started - set_up_s
 
     run, rng, kills = tmp_path / "killed", random.Random(13), 0
     for _attempt in range(20):
         resume = ("--resume",) if (run / "spec.yaml").is_file() else ()
-        trainer = start("train", "--out", str(run), *resume, *args)
+        trainer, _ = start_and_wait_for_set_up(run, *resume, *args)
         if kills < 5:
-            trainer.join(rng.uniform(0.02, 0.35) * duration)  # the run gets shorter with each resume
+            # Timed from the set-up's end: it takes longer than this tiny training, and
+            # differently long on each machine.
+            trainer.join(rng.uniform(0.0, 0.35) * training_s)  # each resume has less left to do
             if trainer.is_alive():
                 os.kill(trainer.pid, signal.SIGKILL)
                 kills += 1
         trainer.join(900)
         print(f"attempt {_attempt}: exit code {trainer.exitcode}; saved so far:",
-              sorted(p.name for p in run.glob("*/checkpoints/*step-*")))
+              sorted(str(p.relative_to(run)) for p in run.glob("*/checkpoints/*step-*")))
         if trainer.exitcode == 0:
             break
         assert trainer.exitcode == -signal.SIGKILL, f"attempt {_attempt} failed with exit code {trainer.exitcode}"
     assert kills >= 3, "the run ended before it could be killed often enough; kill sooner"
-    expected, got = final_weights(tmp_path / "straight"), final_weights(run)
+    assert_resumed_like_straight(tmp_path / "straight", run)
+
+
+@pytest.mark.slow
+def test_a_run_killed_between_its_stages_resumes_to_the_same_weights(tmp_path):
+    """Stage 2 then starts in a process that never ran stage 1: its random streams (flips of
+    the latent cache, dropout) must not depend on what stage 1 drew before them."""
+    args = (*UNCONDITIONAL, *sets(*KILL_SPEC))
+    straight = start("train", "--out", str(tmp_path / "straight"), *args)
+    run = tmp_path / "killed"
+    trainer = start("train", "--out", str(run), *args)
+    while trainer.is_alive() and not (run / "autoencoder" / "weights.safetensors").is_file():
+        time.sleep(0.002)
+    os.kill(trainer.pid, signal.SIGKILL)
+    trainer.join(60)
+    assert trainer.exitcode == -signal.SIGKILL
+    assert latest_checkpoint(run / "diffusion" / "checkpoints") is None, "stage 2 had saved already; kill sooner"
+    resumed = start("train", "--out", str(run), "--resume", *args)
+    for process in (straight, resumed):
+        process.join(900)
+        assert process.exitcode == 0
+    assert_resumed_like_straight(tmp_path / "straight", run)
+
+
+def assert_resumed_like_straight(straight: Path, run: Path) -> None:
+    expected, got = final_weights(straight), final_weights(run)
     assert expected.keys() == got.keys()
     for name, tensor in expected.items():
         assert torch.equal(tensor, got[name]), name
     assert not list(run.rglob(".step-*")) and not list(run.rglob("*.n2a-tmp"))
     for stage in ("autoencoder", "diffusion"):  # the same losses, each step once, no line cut short
-        assert losses(run / stage / "metrics.jsonl") == losses(tmp_path / "straight" / stage / "metrics.jsonl")
+        assert losses(run / stage / "metrics.jsonl") == losses(straight / stage / "metrics.jsonl")
 
 
 def losses(path: Path) -> list[dict]:

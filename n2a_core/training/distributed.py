@@ -21,6 +21,7 @@ import contextlib
 import datetime
 import hashlib
 import os
+import sys
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -277,8 +278,24 @@ def init(device_name: str = "auto") -> tuple[Dist, torch.device]:
     return Dist(rank, world, local), device
 
 
+_broken = False
+"""Set when a collective failed because of another process: the group can no longer be left."""
+
+
 def shutdown() -> None:
-    """Leave the process group (safe to call twice; registered at exit by `init`)."""
+    """Leave the process group (safe to call twice; registered at exit by `init`).
+
+    After a peer failed, leaving is not possible: destroying a Gloo or NCCL group whose peer
+    is gone can hang, and tearing it down at interpreter exit can abort the process
+    ("terminate called without an active exception") after its error was printed. Such a
+    process ends here at once, with exit code 1, once its output is flushed; what it wrote
+    is on disk already (checkpoints are written atomically, the lock is the kernel's).
+    """
+    if _broken and dist.is_available() and dist.is_initialized():
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(1)
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -297,14 +314,15 @@ def is_peer_failure(exc: BaseException) -> bool:
 
 @contextlib.contextmanager
 def peer_failures(d: Dist) -> Iterator[None]:
-    """Turn a collective that failed because of another process into one DistributedError,
-    after leaving the process group (a process exiting with one still open aborts)."""
+    """Turn a collective that failed because of another process into one DistributedError;
+    the process then exits without touching the broken group (see `shutdown`)."""
+    global _broken
     try:
         yield
     except Exception as exc:
         if not d.active or isinstance(exc, N2AError) or not is_peer_failure(exc):
             raise
-        shutdown()
+        _broken = True
         raise DistributedError(
             f"rank {d.rank}: another process of the job failed or stopped answering ({_first_line(exc)}); "
             f"its own log says why. Fix that and continue with --resume from the last checkpoint "

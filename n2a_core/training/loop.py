@@ -3,9 +3,11 @@ checkpoints and exact resume. A stage (autoencoder or diffusion) supplies its lo
 
 Exact resume: every source of randomness is either a generator whose state is saved (the
 stage's own noise generator, torch's global RNG used by dropout, Python and NumPy RNGs)
-or a function of the seed and the data position (the shuffling order of each epoch). On
-CPU a run stopped at step N and resumed reaches the same weights at step M as a run that
-never stopped.
+or a function of the seed and the data position (the shuffling order of each epoch). A
+stage that starts from no checkpoint seeds the global RNGs afresh, so that it draws the same
+whether stage 1 ran in the same process or in one that was stopped before. On CPU a run
+stopped at step N and resumed reaches the same weights at step M as a run that never
+stopped.
 
 Several processes (n2a_core.training.distributed): every rank's generator states are saved, so a
 resume on the same number of processes is exact too. The data position is counted in
@@ -50,6 +52,13 @@ from n2a_core.training.batching import BatchStream
 from n2a_core.training.distributed import SINGLE, Dist, peer_failures, rank_seed
 
 log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch's, Python's and NumPy's global RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 # -- learning rate ------------------------------------------------------------------------
@@ -249,7 +258,8 @@ class TrainingLoop:
 
     def resume(self, path: Path | None = None) -> bool:
         """Load the given checkpoint, else the newest one that loads (a damaged newer one is
-        skipped with a warning, and set aside by rank 0); False when there is none."""
+        skipped with a warning, and set aside by rank 0); False when there is none, after
+        seeding this process's global RNGs from the run seed and its rank."""
         found = None
         if path is None and self.dist.is_main:
             found = load_latest_checkpoint(self.checkpoint_dir, set_aside_damaged=True)
@@ -262,6 +272,7 @@ class TrainingLoop:
                                       "folder (--out) must be on a filesystem every node shares")
             path = None if chosen is None else Path(chosen)
         if path is None:
+            seed_everything(rank_seed(self.stream.seed, self.dist.rank))
             return False
         tensors, state = found[1:] if found else load_checkpoint(path)
         if state.get("stage") != self.stage.name or state.get("spec_digest") not in (self.spec_digest,
@@ -298,9 +309,7 @@ class TrainingLoop:
         else:
             # The checkpoint came from fewer processes: fresh, seeded streams for this rank.
             seed = rank_seed(self.stream.seed, rank, self.step)
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
+            seed_everything(seed)
             self.stage.load_rank_state(None, seed)
 
     # one optimizer step ------------------------------------------------------------------

@@ -8,11 +8,9 @@ run folder, and the others wait where they need what it wrote.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from rich.console import Console
@@ -46,19 +44,13 @@ from n2a_core.training.batching import BatchStream, DataSplits, collate_samples,
 from n2a_core.training.diffusion_stage import DiffusionStage
 from n2a_core.training.distributed import SINGLE, Dist, DistributedError, local_batch, rank_seed
 from n2a_core.training.latent_cache import cache_key, encode_dataset, load_or_build
-from n2a_core.training.loop import TrainingLoop, autocast_dtype
+from n2a_core.training.loop import TrainingLoop, autocast_dtype, seed_everything
 from n2a_core.training.objective import diffusion_loss
 
 console = Console(stderr=True, highlight=False)
 
 AUTOENCODER_FIELDS = ("autoencoder", "autoencoder_training", "data", "seed")
 DIFFUSION_FIELDS = ("autoencoder", "denoiser", "schedule", "conditioner", "training", "data", "seed")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, captions: list[str] | None = None) -> None:
