@@ -201,6 +201,28 @@ def test_loss_curve_runs_both_precisions_from_the_same_start():  # n2a only: no 
     assert abs(metrics["loss_final_gap"]) < 0.05
 
 
+def test_stage1_compares_the_quickstarts_autoencoder_with_the_vqgan_in_both_phases():
+    from benchmarks import stage1
+
+    specs = stage1.recipes()
+    baseline, preset = specs.values()
+    assert baseline.autoencoder.type == "vqgan" and baseline.autoencoder_training.ema_decay is None
+    assert preset.autoencoder.type != "vqgan"  # the preset moved on; the benchmark says by how much
+    assert preset.model_dump(exclude={"autoencoder", "autoencoder_training"}) == baseline.model_dump(
+        exclude={"autoencoder", "autoencoder_training"})
+
+    result = stage1.run(steps=1, repeats=1, batch=2)
+    per_step, weights = result["per_step_s"], result["phase_weights"]
+    assert len(per_step) == 4 and all(t > 0 for t in per_step.values())
+    for name, spec in zip(result["recipes"], specs.values(), strict=True):
+        tspec = spec.autoencoder_training
+        assert weights[name]["before"] == spec.autoencoder.disc_start / tspec.max_steps
+        assert weights[name]["before"] + weights[name]["after"] == pytest.approx(1.0)
+    stage_s = [sum(w * per_step[f"{name}, {phase} disc_start"] for phase, w in weights[name].items())
+               for name in result["recipes"]]
+    assert result["metrics"]["stage1_cost_ratio"] == pytest.approx(stage_s[1] / stage_s[0])
+
+
 # -- how they are run ------------------------------------------------------------------------
 def test_benchmarks_run_as_modules_without_a_path_shim():
     """`python -m benchmarks.x` from the repository root; no script edits sys.path to get there."""

@@ -14,7 +14,7 @@ from n2a_core.checkpoint import latest_checkpoint, load_checkpoint, load_weights
 
 TINY = [
     "data.image_size=16", "data.limit=48", "data.val_fraction=0.2",
-    "autoencoder.base_channels=16", "autoencoder.channel_mult=[1,2,2]", "autoencoder.codebook_size=32",
+    "autoencoder.base_channels=16", "autoencoder.channel_mult=[1,2,2]",
     "autoencoder_training.max_steps=4", "autoencoder_training.batch_size=8",
     "autoencoder_training.sample_every=2", "autoencoder_training.checkpoint_every=2",
     "denoiser.base_channels=16", "denoiser.channel_mult=[1,2]", "denoiser.num_res_blocks=1",
@@ -257,13 +257,23 @@ def test_class_label_run_samples_labels(tmp_path):
     assert not (tmp_path / "bad" / "autoencoder" / "weights.safetensors").exists()  # refused before stage 1
 
 
-def test_eval_autoencoder_reports_metrics(caption_run):
-    result = invoke("eval-autoencoder", str(caption_run), "--json")
+def eval_autoencoder(run) -> dict:
+    result = invoke("eval-autoencoder", str(run), "--json")
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.output.strip().splitlines()[-1])
     assert metrics["images"] > 0 and metrics["psnr"] > 5
-    assert 0 < metrics["codebook_usage"] <= 1 and 1 <= metrics["perplexity"] <= 32
     assert -1 <= metrics["ssim"] <= 1 and metrics["l1"] >= 0
+    return metrics
+
+
+def test_eval_autoencoder_reports_metrics(caption_run, tmp_path):
+    assert "codebook_usage" not in eval_autoencoder(caption_run)  # the preset's KL autoencoder has no codes
+    vq = tmp_path / "vq"
+    result = invoke("train-autoencoder", "--autoencoder", "vqgan", "--out", str(vq),
+                    *sets("autoencoder.codebook_size=32", "autoencoder_training.max_steps=2"))
+    assert result.exit_code == 0, result.output
+    metrics = eval_autoencoder(vq)
+    assert 0 < metrics["codebook_usage"] <= 1 and 1 <= metrics["perplexity"] <= 32
 
 
 def test_stage_one_run_feeds_a_stage_two_run(tmp_path, monkeypatch):

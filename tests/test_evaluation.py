@@ -11,7 +11,7 @@ from cli.main import create_app
 
 TINY = [
     "data.image_size=16", "data.limit=48", "data.val_fraction=0.25",
-    "autoencoder.base_channels=16", "autoencoder.channel_mult=[1,2,2]", "autoencoder.codebook_size=32",
+    "autoencoder.base_channels=16", "autoencoder.channel_mult=[1,2,2]",
     "autoencoder_training.max_steps=2", "autoencoder_training.batch_size=8",
     "denoiser.base_channels=16", "denoiser.channel_mult=[1,2]", "denoiser.num_res_blocks=1",
     "denoiser.num_heads=2", "denoiser.norm_groups=8", "schedule.num_timesteps=100", "sampler.steps=3",

@@ -24,7 +24,7 @@ from n2a_core.specs import load_run_spec
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "data.image_size=16", "data.limit=32", "data.val_fraction=0.25",
-    "autoencoder.base_channels=16", "autoencoder.channel_mult=[1,2,2]", "autoencoder.codebook_size=32",
+    "autoencoder.base_channels=16", "autoencoder.channel_mult=[1,2,2]",
     "autoencoder_training.max_steps=2", "autoencoder_training.batch_size=8",
     "autoencoder_training.sample_every=2", "autoencoder_training.checkpoint_every=2",
     "denoiser.base_channels=16", "denoiser.channel_mult=[1,2]", "denoiser.num_res_blocks=1",

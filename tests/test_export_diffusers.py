@@ -26,7 +26,7 @@ from n2a_plugins.vqgan.model import VQGAN  # noqa: E402
 # GroupNorm groups are gcd(32, channels) in n2a's VQGAN; diffusers wants one count: base 32.
 TINY = [
     "data.image_size=16", "data.limit=32", "data.val_fraction=0.25",
-    "autoencoder.base_channels=32", "autoencoder.channel_mult=[1,2]", "autoencoder.codebook_size=32",
+    "autoencoder.base_channels=32", "autoencoder.channel_mult=[1,2]",
     "autoencoder.attention_levels=[1]",
     "autoencoder_training.max_steps=2", "autoencoder_training.batch_size=8",
     "autoencoder_training.sample_every=2", "autoencoder_training.checkpoint_every=2",
@@ -50,7 +50,8 @@ def sets(*extra: str) -> list[str]:
 def run(tmp_path_factory) -> Path:
     """A tiny class-label run trained by `n2a train` (two steps per stage)."""
     out = tmp_path_factory.mktemp("runs") / "labels"
-    result = invoke("train", "--conditioner", "class-label", "--sampler", "ddim", "--out", str(out), *sets())
+    result = invoke("train", "--autoencoder", "vqgan", "--conditioner", "class-label", "--sampler", "ddim",
+                    "--out", str(out), *sets("autoencoder.codebook_size=32"))
     assert result.exit_code == 0, result.output
     return out
 

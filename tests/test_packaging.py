@@ -63,7 +63,7 @@ def test_lazy_exports_match_the_import_block_and_all():
 # -- the wheel -----------------------------------------------------------------------------------
 TINY_RUN = [
     "data.image_size=16", "data.limit=24", "data.val_fraction=0.25",
-    "autoencoder.base_channels=8", "autoencoder.channel_mult=[1,2]", "autoencoder.codebook_size=16",
+    "autoencoder.base_channels=8", "autoencoder.channel_mult=[1,2]",
     "autoencoder_training.max_steps=3", "autoencoder_training.batch_size=4",
     "denoiser.base_channels=16", "denoiser.channel_mult=[1]", "denoiser.num_res_blocks=1",
     "denoiser.attention_levels=[]", "denoiser.num_heads=2", "denoiser.norm_groups=8",
