@@ -67,9 +67,8 @@ def recipes(preset: str = "quickstart") -> dict[str, Any]:
     baseline = copy.deepcopy(data)
     baseline["autoencoder"] = dict(BASELINE_AUTOENCODER)
     baseline["autoencoder_training"].pop("ema_decay", None)
-    current = data["autoencoder"]["type"] + (" + feature matching" * bool(data["autoencoder"].get(
-        "feature_matching_weight"))) + (" + EMA" * bool(data["autoencoder_training"].get("ema_decay")))
-    return {"vqgan (before)": resolve_run_spec(baseline), f"{current} (preset)": resolve_run_spec(data)}
+    return {"vqgan (before)": resolve_run_spec(baseline),
+            f"{data['autoencoder']['type']} (preset)": resolve_run_spec(data)}
 
 
 def run(steps: int = 3, repeats: int = 5, device: torch.device | None = None, clock: str | None = None,

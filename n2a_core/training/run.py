@@ -42,7 +42,7 @@ from n2a_core.training import distributed
 from n2a_core.training.autoencoder_stage import AutoencoderStage, export_autoencoder
 from n2a_core.training.batching import BatchStream, DataSplits, collate_samples, make_splits
 from n2a_core.training.diffusion_stage import DiffusionStage
-from n2a_core.training.distributed import SINGLE, Dist, DistributedError, local_batch, rank_seed
+from n2a_core.training.distributed import SINGLE, Dist, DistributedError, local_batch
 from n2a_core.training.latent_cache import cache_key, encode_dataset, load_or_build
 from n2a_core.training.loop import TrainingLoop, autocast_dtype, seed_everything
 from n2a_core.training.objective import diffusion_loss
@@ -206,8 +206,6 @@ def _prepare_locked(spec: RunSpecBase, run: RunDir, dist: Dist, device: torch.de
     if not run.spec_file.is_file():
         raise DistributedError(f"rank {dist.rank}: cannot see {run.spec_file} that rank 0 wrote; the run folder "
                                "(--out) must be on a filesystem every node shares")
-    if dist.rank:
-        seed_everything(rank_seed(spec.seed, dist.rank))  # own dropout masks and flips from here on
     return Session(spec, run, device, pipeline, splits, show_progress and dist.is_main, dist, lock, trackers)
 
 
