@@ -61,9 +61,9 @@ class Pipeline:
         written by `n2a export`, or a Hub repository holding one (downloaded once, then cached)."""
         root = resolve_source(source, revision)
         if is_exported(root):
+            if not ema:
+                raise SpecError(f"{source}: ema=False needs a run folder; an export holds only the EMA weights")
             return cls(load_exported(root, device=device))
-        if not ema:
-            raise SpecError(f"{source}: ema=False needs a run folder; an export holds only the EMA weights")
         return cls(load_run(root, device=device, ema=ema))
 
     # -- what the model is ------------------------------------------------------------------

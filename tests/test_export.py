@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from cli.main import create_app
 from n2a_core import Pipeline
 from n2a_core.errors import CheckpointError, PluginError, SpecError
+from n2a_core.checkpoint import load_latest_checkpoint
 from n2a_core.export import WEIGHTS, export_run, folder_size
 from n2a_core.model_card import CardFacts, StageRecord, read_front_matter, render
 from n2a_core.specs import load_run_spec
@@ -149,6 +150,16 @@ def test_pipeline_returns_pil_images_one_per_seed(exported):
     assert torch.allclose(one[0], both[1], atol=1e-4)  # an image depends on its seed, not its batch
     assert len(pipe("red apple", n=3, steps=2)) == 3
     assert pipe.condition_field == "caption" and "tiny-export" in repr(pipe)
+
+
+def test_pipeline_loads_a_runs_raw_or_ema_weights_and_an_export_only_its_ema(run, exported):
+    _, tensors, _ = load_latest_checkpoint(run / "diffusion" / "checkpoints")
+    for ema, group in ((True, "stage.ema"), (False, "module.model")):
+        loaded = Pipeline.from_pretrained(run, ema=ema).loaded.model.state_dict()
+        assert all(torch.equal(loaded[name], value) for name, value in tensors[group].items())
+    assert any(not torch.equal(tensors["stage.ema"][name], raw) for name, raw in tensors["module.model"].items())
+    with pytest.raises(SpecError, match="ema=False needs a run folder"):
+        Pipeline.from_pretrained(exported, ema=False)
 
 
 def test_pipeline_rejects_mismatched_seeds_and_unknown_options(exported):
