@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from cli.main import create_app
 from n2a_core import Pipeline
-from n2a_core.errors import CheckpointError, PluginError, SpecError
 from n2a_core.checkpoint import load_latest_checkpoint
+from n2a_core.errors import CheckpointError, PluginError, SpecError
 from n2a_core.export import WEIGHTS, export_run, folder_size
 from n2a_core.model_card import CardFacts, StageRecord, read_front_matter, render
 from n2a_core.specs import load_run_spec
