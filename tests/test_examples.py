@@ -1,4 +1,4 @@
-"""Every example spec and preset validates, and its pipeline assembles at a tiny size."""
+"""Every example spec, preset and benchmark spec validates, and its pipeline assembles at a tiny size."""
 
 from pathlib import Path
 
@@ -10,6 +10,7 @@ from n2a_core.specs import load_run_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+BENCHMARK_SPECS = sorted((ROOT / "benchmarks" / "specs").glob("*.yaml"))
 
 # Shrink the models, keep every plugin choice and every structural option of the file.
 TINY = ["autoencoder.base_channels=8", "denoiser.base_channels=16", "denoiser.num_heads=2",
@@ -17,7 +18,7 @@ TINY = ["autoencoder.base_channels=8", "denoiser.base_channels=16", "denoiser.nu
 
 
 def spec_files():
-    return sorted({*EXAMPLES, *(preset_path(n) for n in preset_names())})
+    return sorted({*EXAMPLES, *BENCHMARK_SPECS, *(preset_path(n) for n in preset_names())})
 
 
 def test_presets_are_the_quickstart_and_the_examples():
