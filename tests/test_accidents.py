@@ -161,6 +161,9 @@ def _lock_two_folders(rank: int, port: int, held: str, free: str, results) -> No
     lock = lock_run_folder(RunDir(free), d, resume=False)
     results.put((rank, "free", "holds the lock" if lock is not None and lock.held else "no lock"))
     d.barrier()
+    # os._exit skips the queue's feeder thread: flush it first, or the parent may never see the results
+    results.close()
+    results.join_thread()
     os._exit(0)
 
 
