@@ -71,13 +71,24 @@ def recipes(preset: str = "quickstart") -> dict[str, Any]:
             f"{data['autoencoder']['type']} (preset)": resolve_run_spec(data)}
 
 
-def run(steps: int = 3, repeats: int = 5, device: torch.device | None = None, clock: str | None = None,
-        batch: int | None = None) -> dict:
-    from n2a_core.components import build_components
+def autoencoder_loop(spec, tspec, device: torch.device, out: Path, images: torch.utils.data.Dataset):
+    """A TrainingLoop over `spec`'s stage 1 (the autoencoder freshly built from seed 0) on `images`."""
+    from n2a_core.component import BuildContext
+    from n2a_core.plugins import get_registry
     from n2a_core.training.autoencoder_stage import AutoencoderStage
     from n2a_core.training.batching import BatchStream
     from n2a_core.training.loop import TrainingLoop
 
+    torch.manual_seed(0)
+    autoencoder = get_registry().build("autoencoder", spec.autoencoder, BuildContext(device=device)).to(device)
+    size = spec.data.image_size
+    stage = AutoencoderStage(autoencoder, tspec, device, torch.zeros(1, 3, size, size), out)
+    stream = BatchStream(images, tspec.batch_size, 0, collate)
+    return TrainingLoop(stage, tspec, stream, out, device=device, spec_digest="benchmark")
+
+
+def run(steps: int = 3, repeats: int = 5, device: torch.device | None = None, clock: str | None = None,
+        batch: int | None = None) -> dict:
     device = device or torch.device("cpu")
     clock = clock or default_clock(device)
     specs = recipes()
@@ -87,13 +98,9 @@ def run(steps: int = 3, repeats: int = 5, device: torch.device | None = None, cl
             tspec = spec.autoencoder_training
             if batch is not None:
                 tspec = tspec.model_copy(update={"batch_size": batch})
-            torch.manual_seed(0)
-            autoencoder = build_components(spec, device=device).autoencoder.to(device)
-            size = spec.data.image_size
-            stage = AutoencoderStage(autoencoder, tspec, device, torch.zeros(1, 3, size, size), Path(tmp) / name)
-            stream = BatchStream(Images(tspec.batch_size * 4, size), tspec.batch_size, 0, collate)
-            loop = TrainingLoop(stage, tspec, stream, Path(tmp) / name, device=device, spec_digest="benchmark")
-            batches = iter(stream)
+            loop = autoencoder_loop(spec, tspec, device, Path(tmp) / name,
+                                    Images(tspec.batch_size * 4, spec.data.image_size))
+            batches = iter(loop.stream)
             disc_start = spec.autoencoder.disc_start
             weights[name] = {"before": min(disc_start, tspec.max_steps) / tspec.max_steps,
                              "after": max(tspec.max_steps - disc_start, 0) / tspec.max_steps}

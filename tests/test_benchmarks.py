@@ -223,6 +223,31 @@ def test_stage1_compares_the_quickstarts_autoencoder_with_the_vqgan_in_both_phas
     assert result["metrics"]["stage1_cost_ratio"] == pytest.approx(stage_s[1] / stage_s[0])
 
 
+def test_precision_times_each_stage_of_a_spec_in_fp32_and_bf16(tmp_path):
+    import yaml
+
+    from benchmarks import precision
+    from n2a_core.specs import read_spec_file, resolve_run_spec
+
+    data = read_spec_file(precision.DEFAULT_SPEC)
+    data["autoencoder_training"]["batch_size"] = data["training"]["batch_size"] = 2
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(data))
+    spec = resolve_run_spec(data)
+
+    bf16 = spec.training.model_copy(update={"precision": "bf16"})
+    loop = precision.diffusion_loop(spec, bf16, torch.device("cpu"), tmp_path / "dm", ["a", "b"])
+    assert loop.dtype == torch.bfloat16
+    assert torch.isfinite(loop.train_step(iter(loop.stream))["loss/model"])
+
+    result = precision.run(spec_path, steps=1, repeats=1)
+    per_step, metrics = result["per_step_s"], result["metrics"]
+    assert len(per_step) == 6 and all(t > 0 for t in per_step.values())
+    for part in ("stage 1 before disc_start", "stage 1 after disc_start", "stage 2"):
+        ratio = per_step[f"{part}, fp32"] / per_step[f"{part}, bf16"]
+        assert metrics["bf16_speedup_" + part.replace(" ", "_")] == pytest.approx(ratio)
+
+
 # -- how they are run ------------------------------------------------------------------------
 def test_benchmarks_run_as_modules_without_a_path_shim():
     """`python -m benchmarks.x` from the repository root; no script edits sys.path to get there."""
