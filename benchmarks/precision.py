@@ -1,7 +1,8 @@
 """bf16 autocast against fp32: what one optimizer step of each stage of a run spec costs.
 
-`precision: auto` trains in fp32 on CPUs and in bf16 on CUDA devices that have it. This
-measures whether bf16 would pay on the machine at hand, for a real spec's models and batch
+`precision: auto` picks bf16 on CUDA devices that have it and on CPUs that compute bf16
+natively (AVX-512 BF16, AMX), fp32 elsewhere. This measures whether bf16 pays on the
+machine at hand, for a real spec's models and batch
 sizes (default: the yardstick candidate, benchmarks/specs/yardstick-kl-fm.yaml). Each stage
 is built twice from the same initial weights, once per precision, and trained through
 `TrainingLoop.train_step` alternately in one process: stage 1 on fixed random images, timed

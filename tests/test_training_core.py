@@ -12,8 +12,9 @@ from torch import nn
 from n2a_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from n2a_core.errors import CheckpointError
 from n2a_core.specs import DiffusionTrainingSpec, OptimSpec
+from n2a_core.training import loop as loop_module
 from n2a_core.training.batching import BatchStream
-from n2a_core.training.loop import Stage, TrainingLoop, adamw, lr_factor
+from n2a_core.training.loop import Stage, TrainingLoop, adamw, autocast_dtype, cpu_has_native_bf16, lr_factor
 from n2a_core.training.objective import EMA, diffusion_loss, draw_condition_drop, min_snr_weight, prediction_target
 from n2a_plugins.schedules import CosineSchedule, LinearSchedule
 
@@ -219,6 +220,29 @@ def test_time_budget_resume_counts_the_time_already_spent(tmp_path):
     for (k, a), b in zip(straight.stage.model.state_dict().items(), resumed.stage.model.state_dict().values(),
                          strict=True):
         assert torch.equal(a, b), k
+
+
+CPUINFO_AVX2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+CPUINFO_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f avx512bw avx512_bf16\n"
+
+
+def test_auto_precision_picks_bf16_on_the_cpu_only_where_it_computes_bf16_natively(tmp_path, monkeypatch):
+    avx2, bf16 = tmp_path / "avx2", tmp_path / "bf16"
+    avx2.write_text(CPUINFO_AVX2)
+    bf16.write_text(CPUINFO_BF16)
+    (tmp_path / "amx").write_text(CPUINFO_AVX2.replace("fma", "fma amx_bf16 amx_tile"))
+    # AVX-512 without its BF16 extension emulates bf16 in software, as AVX2 does
+    (tmp_path / "avx512").write_text(CPUINFO_BF16.replace(" avx512_bf16", ""))
+    assert not cpu_has_native_bf16(avx2) and not cpu_has_native_bf16(tmp_path / "avx512")
+    assert not cpu_has_native_bf16(tmp_path / "missing")
+    assert cpu_has_native_bf16(bf16) and cpu_has_native_bf16(tmp_path / "amx")
+
+    cpu = torch.device("cpu")
+    for info, auto in ((avx2, None), (bf16, torch.bfloat16)):
+        monkeypatch.setattr(loop_module, "CPUINFO", info)
+        assert autocast_dtype("auto", cpu) is auto
+        assert autocast_dtype("fp32", cpu) is None  # an explicit setting always wins
+        assert autocast_dtype("bf16", cpu) is torch.bfloat16
 
 
 def test_lr_schedule_shape():

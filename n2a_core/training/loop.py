@@ -175,12 +175,29 @@ def trim_log(path: Path, step: int) -> None:
 
 
 # -- precision -----------------------------------------------------------------------------
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_has_native_bf16(cpuinfo: Path | None = None) -> bool:
+    """Whether the CPU computes in bf16 natively (x86 AVX-512 BF16 or AMX). Only there does
+    bf16 autocast pay: 1.35-1.56x faster steps on such an AMD EPYC, and 17x *slower* on one
+    with AVX2 only, where oneDNN emulates it (docs/quality.md, benchmarks/precision.py)."""
+    try:
+        text = (cpuinfo or CPUINFO).read_text(errors="replace")
+    except OSError:  # not Linux, or no /proc: assume the slow path
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for a precision setting on a device (None: plain fp32)."""
     if precision == "fp32":
         return None
     if precision == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if device.type == "cpu" and cpu_has_native_bf16():
             return torch.bfloat16
         return None
     if precision == "fp16" and device.type != "cuda":
