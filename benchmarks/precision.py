@@ -2,8 +2,8 @@
 
 `precision: auto` picks bf16 on CUDA devices that have it and on CPUs that compute bf16
 natively (AVX-512 BF16, AMX), fp32 elsewhere. This measures whether bf16 pays on the
-machine at hand, for a real spec's models and batch
-sizes (default: the yardstick candidate, benchmarks/specs/yardstick-kl-fm.yaml). Each stage
+machine at hand, for a real spec's models and batch sizes (default: the yardstick
+candidate, benchmarks/specs/yardstick-kl-fm.yaml). Each stage
 is built twice from the same initial weights, once per precision, and trained through
 `TrainingLoop.train_step` alternately in one process: stage 1 on fixed random images, timed
 before and after the discriminator starts (`disc_start`), stage 2 on fixed random latents
@@ -34,7 +34,7 @@ from benchmarks.common import (
     speedup,
     time_rows,
 )
-from benchmarks.stage1 import Images, autoencoder_loop
+from benchmarks.stage1 import Images, autoencoder_loop, steps_case
 
 DEFAULT_SPEC = REPO / "benchmarks" / "specs" / "yardstick-kl-fm.yaml"
 PRECISIONS = ("fp32", "bf16")
@@ -92,17 +92,9 @@ def run(spec_path: Path = DEFAULT_SPEC, steps: int = 3, repeats: int = 5, device
             images = Images(ae_spec.batch_size * 4, spec.data.image_size)
             loop1 = autoencoder_loop(spec, ae_spec, device, Path(tmp) / f"ae-{precision}", images)
             loop2 = diffusion_loop(spec, dm_spec, device, Path(tmp) / f"dm-{precision}", vocabulary)
-            for name, loop, first in ((f"stage 1 before disc_start, {precision}", loop1, 0),
-                                      (f"stage 1 after disc_start, {precision}", loop1, disc_start),
-                                      (f"stage 2, {precision}", loop2, 0)):
-                batches = iter(loop.stream)
-
-                def case(loop=loop, batches=batches, first=first):
-                    loop.step = first
-                    for _ in range(steps):
-                        loop.train_step(batches)
-
-                cases[name] = case
+            cases[f"stage 1 before disc_start, {precision}"] = steps_case(loop1, steps)
+            cases[f"stage 1 after disc_start, {precision}"] = steps_case(loop1, steps, disc_start)
+            cases[f"stage 2, {precision}"] = steps_case(loop2, steps)
         timings = interleave(cases, repeats, warmup=1, device=device)
 
     seconds = (lambda t: t.median) if clock == "wall" else (lambda t: t.cpu_median)

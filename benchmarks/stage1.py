@@ -87,6 +87,19 @@ def autoencoder_loop(spec, tspec, device: torch.device, out: Path, images: torch
     return TrainingLoop(stage, tspec, stream, out, device=device, spec_digest="benchmark")
 
 
+def steps_case(loop, steps: int, first_step: int = 0):
+    """A timed case: `steps` optimizer steps of `loop`, always from `first_step` (so every repeat
+    trains in the same phase of the loss schedule, e.g. before or after `disc_start`)."""
+    batches = iter(loop.stream)
+
+    def case():
+        loop.step = first_step
+        for _ in range(steps):
+            loop.train_step(batches)
+
+    return case
+
+
 def run(steps: int = 3, repeats: int = 5, device: torch.device | None = None, clock: str | None = None,
         batch: int | None = None) -> dict:
     device = device or torch.device("cpu")
@@ -100,17 +113,11 @@ def run(steps: int = 3, repeats: int = 5, device: torch.device | None = None, cl
                 tspec = tspec.model_copy(update={"batch_size": batch})
             loop = autoencoder_loop(spec, tspec, device, Path(tmp) / name,
                                     Images(tspec.batch_size * 4, spec.data.image_size))
-            batches = iter(loop.stream)
             disc_start = spec.autoencoder.disc_start
             weights[name] = {"before": min(disc_start, tspec.max_steps) / tspec.max_steps,
                              "after": max(tspec.max_steps - disc_start, 0) / tspec.max_steps}
             for phase, first in (("before", 0), ("after", disc_start)):
-                def case(loop=loop, batches=batches, first=first):
-                    loop.step = first
-                    for _ in range(steps):
-                        loop.train_step(batches)
-
-                cases[f"{name}, {phase} disc_start"] = case
+                cases[f"{name}, {phase} disc_start"] = steps_case(loop, steps, first)
         timings = interleave(cases, repeats, warmup=1, device=device)
 
     seconds = (lambda t: t.median) if clock == "wall" else (lambda t: t.cpu_median)
