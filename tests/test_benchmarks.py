@@ -5,6 +5,7 @@ bf16 autocast, channels_last on the CPU). No timing is asserted anywhere."""
 from __future__ import annotations
 
 import json
+import mmap
 import subprocess
 import sys
 from pathlib import Path
@@ -61,7 +62,16 @@ def test_memory_measurement_sees_a_known_allocation(monkeypatch):
     from benchmarks import memory
 
     size = 64 * 2**20
-    monkeypatch.setattr(memory, "workload", lambda *a: lambda: torch.ones(size // 4).sum())
+
+    def write_fresh_pages():
+        # Fresh anonymous pages from the kernel: a torch or malloc allocation may reuse
+        # memory that earlier tests left resident, and then no new peak would show.
+        pages = mmap.mmap(-1, size)
+        for offset in range(0, size, mmap.PAGESIZE):
+            pages[offset] = 1
+        pages.close()
+
+    monkeypatch.setattr(memory, "workload", lambda *a: write_fresh_pages)
     result = memory.measure_here("train", "n2a", TINY, torch.device("cpu"))
     assert size * 0.9 <= result["peak_bytes"] < size * 3, result
 
