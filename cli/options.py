@@ -31,11 +31,12 @@ PresetOption = Annotated[
 ]
 
 
-def finite(value: float | None) -> float | None:
-    """The callback of every float option: Click takes 'inf' and 'nan' as floats, and
-    nan even passes a min= bound (every comparison with it is false)."""
-    if value is not None and not math.isfinite(value):
-        raise typer.BadParameter(f"must be a finite number, not {value}")
+def finite(value):
+    """The callback of every float option (and tuple of floats): Click takes 'inf' and 'nan'
+    as floats, and nan even passes a min= bound (every comparison with it is false)."""
+    for number in value if isinstance(value, tuple) else (value,):
+        if number is not None and not math.isfinite(number):
+            raise typer.BadParameter(f"must be a finite number, not {number}")
     return value
 
 

@@ -28,6 +28,9 @@ def sample(
                                             min=0.0, callback=finite)] = 3.0,
     sampler: Annotated[str | None, typer.Option(help="Sampler plugin (default: the run's).")] = None,
     steps: Annotated[int | None, typer.Option(help="Sampler steps (default: the sampler's).", min=1)] = None,
+    guidance_interval: Annotated[tuple[float, float] | None, typer.Option(
+        help="Guide only at steps whose log-SNR lies in [LO, HI] (default: the sampler's guidance_log_snr).",
+        callback=finite, show_default=False)] = None,
     n: Annotated[int, typer.Option("--n", help="Images per prompt/label (or in all, unconditionally).", min=1,
                                    max=MAX_IMAGES)] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed + i.", min=0,
@@ -65,7 +68,6 @@ def sample(
     from n2a_core.export import is_exported
     from n2a_core.generate import SampleWriter, StepCount, check_conditions, new_samples_folder, write_animation
     from n2a_core.pipeline import Pipeline
-    from n2a_core.plugins import get_registry
     from n2a_core.progress import progress_bar
 
     with user_errors():
@@ -99,19 +101,21 @@ def sample(
             check_conditions(loaded, [negative], "caption" if negative_prompt else "label")
         if init_image is not None and strength is None:
             strength = 1.0 if mask is not None else 0.8
-        sampler_spec = get_registry().validate_spec("sampler", sampler) if sampler else None
-        if sampler_spec is not None and steps is None and hasattr(sampler_spec, "steps"):
+        sampler_spec = _sampler_spec(sampler, guidance_interval, loaded.spec.sampler)
+        if sampler and steps is None and hasattr(sampler_spec, "steps"):
             steps = sampler_spec.steps
         # Guidance needs a condition to steer by: an unconditional call uses (and records) none.
         guidance = guidance if wanted or interpolate or negative else 0.0
         sampler_name = sampler or (loaded.spec.sampler.type if loaded.spec.sampler else None)
-        creative = {key: value for key, value in (
+        interval = getattr(sampler_spec or loaded.spec.sampler, "guidance_log_snr", None)  # as used, on record
+        options = {key: value for key, value in (
             ("negative", negative), ("init_image", str(init_image) if init_image else None),
-            ("strength", strength), ("mask", str(mask) if mask else None)) if value is not None}
+            ("strength", strength), ("mask", str(mask) if mask else None),
+            ("guidance_log_snr", interval and list(interval))) if value is not None}
         field = field or (loaded.conditioner.field if interpolate else None)
         records = [{"index": i, **_seed_and_condition(s, c), "field": field, "guidance": guidance,
                     "sampler": sampler_name, "steps": steps, "ema": ema, "step": loaded.step,
-                    "spec_digest": loaded.spec.digest(), **creative}
+                    "spec_digest": loaded.spec.digest(), **options}
                    for i, (s, c) in enumerate(zip(seeds, conditions, strict=True))]
         # A folder of our own (never another call's), and every image on disk as soon as it exists.
         # An export (maybe in the Hub cache) stays as shipped: its samples go under ./samples.
@@ -130,6 +134,20 @@ def sample(
         animations = write_animation(images, out_dir) if animated else []
     also = "".join(f"; {path.suffix[1:]}: {escape(str(path))}" for path in animations)
     console.print(f"{len(images)} images in [bold]{escape(str(out_dir))}[/bold]; grid: {escape(str(grid))}{also}")
+
+
+def _sampler_spec(name: str | None, guidance_interval: tuple[float, float] | None, run_sampler):
+    """The sampler spec --sampler and --guidance-interval ask for (None: the run's own sampler)."""
+    from n2a_core.errors import SpecError
+    from n2a_core.plugins import get_registry
+
+    spec = get_registry().validate_spec("sampler", name) if name else None
+    if guidance_interval is None:
+        return spec
+    base = spec or run_sampler
+    if base is None:
+        raise SpecError("--guidance-interval: the run has no sampler; name one with --sampler")
+    return get_registry().validate_spec("sampler", {**base.model_dump(), "guidance_log_snr": list(guidance_interval)})
 
 
 def _frames_or_images(wanted: list[str], n: int, seed: int, interpolate, interpolate_seeds, frames: int):

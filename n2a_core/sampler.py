@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from pydantic import model_validator
 
 from n2a_core.component import ComponentSpec
 from n2a_core.denoiser import Denoiser, PredictionType
@@ -78,6 +79,17 @@ class SamplerSpec(ComponentSpec):
     the eps error (~0.01), hence -5; starting there from N(0, I) ignores a signal of
     sqrt(alpha_bar) = 0.08 of z0, as Stable Diffusion's schedule does (0.07). v and sample
     predictions give z0 stably at any SNR and always start at T-1."""
+    guidance_log_snr: tuple[float, float] | None = None
+    """[lo, hi]: classifier-free guidance only at steps whose log(alpha_bar / (1 - alpha_bar))
+    lies in it, the conditional prediction alone elsewhere (Kynkaenniemi et al. 2024, "Applying
+    guidance in a limited interval"): guidance at the noisiest steps pulls every sample of a
+    class toward one layout, and at the cleanest adds nothing but contrast. None: every step."""
+
+    @model_validator(mode="after")
+    def _ordered_interval(self):
+        if self.guidance_log_snr is not None and not self.guidance_log_snr[0] < self.guidance_log_snr[1]:
+            raise ValueError(f"guidance_log_snr {list(self.guidance_log_snr)}: write it as [lo, hi] with lo < hi")
+        return self
 
 
 class Sampler:
@@ -103,15 +115,18 @@ class Sampler:
     Returns B x C x h x w latents (float32).
 
     Subclasses implement `solve(chain)`; `steps`, `timestep_spacing` and `min_log_snr` are
-    what the core reads to lay out the grid. A sampler may override `sample` itself, but
-    then it does without the core's image-to-image, inpainting and negative conditions.
+    what the core reads to lay out the grid, `guidance_log_snr` where it guides. A sampler may
+    override `sample` itself, but then it does without the core's image-to-image, inpainting,
+    negative conditions and guidance interval.
     """
 
     supported_predictions: tuple[PredictionType, ...] = ("epsilon", "v", "sample")
 
     def __init__(self, steps: int | None = None, timestep_spacing: TimestepSpacing = "trailing",
-                 min_log_snr: float | None = EPSILON_MIN_LOG_SNR):
+                 min_log_snr: float | None = EPSILON_MIN_LOG_SNR,
+                 guidance_log_snr: tuple[float, float] | None = None):
         self.steps, self.timestep_spacing, self.min_log_snr = steps, timestep_spacing, min_log_snr
+        self.guidance_log_snr = guidance_log_snr
 
     @torch.no_grad()
     def sample(
@@ -135,7 +150,8 @@ class Sampler:
         timesteps = sampling_timesteps(schedule, steps or self.steps, spacing=self.timestep_spacing,
                                        min_log_snr=floor, strength=strength, device=device)
         chain = Chain.start(denoiser, schedule, shape, timesteps, generator, cond=cond, guidance=guidance,
-                            negative=negative, init=init, strength=strength, mask=mask, callback=callback)
+                            guidance_log_snr=self.guidance_log_snr, negative=negative, init=init,
+                            strength=strength, mask=mask, callback=callback)
         return self.solve(chain)
 
     def solve(self, chain: Chain) -> torch.Tensor:
@@ -156,7 +172,8 @@ class Chain:
     alpha_bar:      alpha_bar at each of them (the schedule's dtype, float64 for built-ins);
     alpha_bar_next: alpha_bar one step on, 1 after the last (the chain ends on clean data);
     z:              the starting latents at timesteps[0], B x C x h x w float32;
-    t_in:           S x B float32 copies of the timesteps, the form the denoiser takes.
+    t_in:           S x B float32 copies of the timesteps, the form the denoiser takes;
+    guided:         per step, whether guidance applies there (None: at every step).
     """
 
     denoiser: Denoiser
@@ -172,11 +189,13 @@ class Chain:
     init: torch.Tensor | None
     repaint: torch.Tensor | None
     callback: StepCallback | None
+    guided: tuple[bool, ...] | None = None
 
     @classmethod
     def start(cls, denoiser: Denoiser, schedule: NoiseSchedule, shape: Sequence[int], timesteps: torch.Tensor,
               generator: Generators, *, cond: torch.Tensor | None = None, guidance: float = 0.0,
-              negative: torch.Tensor | None = None, init: torch.Tensor | None = None, strength: float = 1.0,
+              guidance_log_snr: tuple[float, float] | None = None, negative: torch.Tensor | None = None,
+              init: torch.Tensor | None = None, strength: float = 1.0,
               mask: torch.Tensor | None = None, callback: StepCallback | None = None) -> Chain:
         """The chain over `timesteps` from noise, or from `init` noised to timesteps[0]."""
         device, shape = timesteps.device, tuple(shape)
@@ -197,8 +216,14 @@ class Chain:
             a = alpha_bar[0].float()
             noised = a.sqrt() * init + (1 - a).sqrt() * z
             z = noised if strength < 1 else torch.where(repaint, z, noised)
+        guided = None
+        if guidance_log_snr is not None:
+            lo, hi = guidance_log_snr
+            # Decided on the host once, before any work is queued, so that the loop never waits.
+            log_snr = schedule.log_snr(timesteps.cpu()).numpy()
+            guided = tuple(bool(g) for g in (log_snr >= lo) & (log_snr <= hi))
         return cls(denoiser, timesteps, alpha_bar, alpha_bar_next, z, t_in, generator, cond, guidance, negative,
-                   init, repaint, callback)
+                   init, repaint, callback, guided)
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -209,7 +234,8 @@ class Chain:
 
     def predict(self, z: torch.Tensor, i: int) -> torch.Tensor:
         """The guided prediction (of the denoiser's type) at z, step i, as float32."""
-        return guided_prediction(self.denoiser, z, self.t_in[i], self.cond, self.guidance, self.negative).float()
+        guidance = self.guidance if self.guided is None or self.guided[i] else 0.0
+        return guided_prediction(self.denoiser, z, self.t_in[i], self.cond, guidance, self.negative).float()
 
     def eps_and_x0(self, z: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(eps, z0) implied by the guided prediction at z, step i."""

@@ -167,7 +167,9 @@ class RunSpecBase(N2ASpec):
     def earlier_digests(self, *fields: str) -> tuple[str, ...]:
         """The digests earlier versions computed for the same fields, which their checkpoints
         carry: before batch sizes could change on resume, and before ADDED_FIELDS were left out."""
-        return (self.digest(*fields, operational=FORMER_OPERATIONAL_FIELDS), self.digest(*fields, added={}))
+        unknown_then = {k: v for k, v in ADDED_FIELDS.items() if k not in FIRST_ADDED_FIELDS}
+        return (self.digest(*fields, operational=FORMER_OPERATIONAL_FIELDS),
+                self.digest(*fields, added=unknown_then))
 
 
 def parse_duration(text: str) -> float:
@@ -199,10 +201,15 @@ then carry digests with them, and still resume."""
 ADDED_FIELDS: dict[str, Any] = {
     "feature_matching_weight": 0.0,  # the autoencoders' discriminator feature matching
     "ema_decay": None,  # autoencoder_training's (the denoiser's is a number, never None)
+    "latent_noise": 0.0,  # the KL autoencoder's decoder noise
+    "log_snr_shift": 0.0,  # the cosine schedule's
+    "guidance_log_snr": None,  # the samplers' guidance interval
 }
 """Fields added after runs were already being made, with the value that behaves as before
 they existed: digests leave them out while they hold it. Add each new field that changes
 nothing at its default here."""
+FIRST_ADDED_FIELDS = ("feature_matching_weight", "ema_decay")
+"""The ones a version wrote into its digests before ADDED_FIELDS were left out."""
 
 
 def _without(data: Any, keys: frozenset[str], added: dict[str, Any]) -> Any:

@@ -142,7 +142,7 @@ def test_spec_show_applies_set_and_kind(n2a_all):
     result = n2a("spec", "show", "--set", "schedule.num_timesteps=10")
     assert result.exit_code == 0, result.output
     assert yaml.safe_load(result.stdout)["schedule"] == {"type": "cosine", "num_timesteps": 10,
-                                                         "offset": 0.008, "max_beta": 0.999}
+                                                         "offset": 0.008, "max_beta": 0.999, "log_snr_shift": 0.0}
 
     result = n2a("spec", "show", "--json", "--schedule", "linear", "-s", "schedule.num_timesteps=20", "-s", "seed=3")
     assert result.exit_code == 0, result.output
@@ -191,8 +191,8 @@ def test_the_core_commands_exist_and_spec_show_offers_every_kind(n2a):
 
 
 # -- hardening: what a careless argument must never do ---------------------------------------
-def float_options() -> list[tuple[list[str], str]]:
-    """(command path, option) for every float option of every command (found, not listed)."""
+def float_options() -> list[tuple[list[str], str, int]]:
+    """(command path, option, nargs) for every float option of every command (found, not listed)."""
     found = []
 
     def walk(command, prefix):
@@ -201,7 +201,7 @@ def float_options() -> list[tuple[list[str], str]]:
         for param in getattr(command, "params", []):
             annotation = param.type_descriptor.annotation
             if float in (annotation, *typing.get_args(annotation)) and param.opts[0].startswith("--"):
-                found.append((prefix, param.opts[0]))
+                found.append((prefix, param.opts[0], param.nargs))
 
     walk(typer.main.get_command(create_app()), [])
     return found
@@ -210,9 +210,9 @@ def float_options() -> list[tuple[list[str], str]]:
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e400"])
 def test_every_float_option_refuses_non_finite_numbers(n2a, value):
     options = float_options()
-    assert (["sample"], "--guidance") in options
-    for path, option in options:
-        result = n2a(*path, f"{option}={value}")
+    assert (["sample"], "--guidance", 1) in options and (["sample"], "--guidance-interval", 2) in options
+    for path, option, nargs in options:
+        result = n2a(*path, f"{option}={value}") if nargs == 1 else n2a(*path, option, *[value] * nargs)
         assert result.exit_code == 2 and option in result.output, (path, option, result.output)
         # -inf and nan may meet a lower bound first; inf passes every lower bound
         assert value not in ("inf", "1e400") or "finite number" in result.output, result.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -249,6 +250,16 @@ def test_class_label_run_samples_labels(tmp_path):
     result = invoke("sample", str(out), "--label", labels[0], "--guidance", "2", "--steps", "3", "--n", "1",
                     "--out", str(tmp_path / "s"))
     assert result.exit_code == 0, result.output
+    # Guidance only at the middle steps: other images from the same seed, and the interval on record.
+    result = invoke("sample", str(out), "--label", labels[0], "--guidance", "2", "--steps", "3", "--n", "1",
+                    "--guidance-interval", "-2", "2", "--out", str(tmp_path / "interval"))
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "interval" / "samples.jsonl").read_text().splitlines()[0])
+    assert record["guidance_log_snr"] == [-2.0, 2.0]
+    everywhere, interval = (np.asarray(Image.open(tmp_path / d / record["file"])) for d in ("s", "interval"))
+    assert not np.array_equal(everywhere, interval)
+    bad = invoke("sample", str(out), "--label", labels[0], "--n", "1", "--guidance-interval", "2", "-2")
+    assert bad.exit_code == 1 and "guidance_log_snr [2.0, -2.0]: write it as [lo, hi]" in bad.output
     bad = invoke("sample", str(out), "--label", "no-such-label", "--n", "1")
     assert bad.exit_code == 1 and "unknown label" in bad.output
     bad = invoke("train", "--conditioner", "class-label", "--out", str(tmp_path / "bad"),

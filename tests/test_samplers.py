@@ -25,8 +25,15 @@ import torch
 
 import n2a_core.sampler as sampler_core
 from n2a_core import Denoiser, NoiseSchedule, get_registry
-from n2a_core.errors import N2AError
-from n2a_core.sampler import generators_for_seeds, guided_prediction, spaced_timesteps, to_epsilon_and_x0
+from n2a_core.errors import N2AError, SpecError
+from n2a_core.sampler import (
+    Chain,
+    generators_for_seeds,
+    guided_prediction,
+    sampling_timesteps,
+    spaced_timesteps,
+    to_epsilon_and_x0,
+)
 from n2a_plugins.samplers import DDIMSampler, DDPMSampler, DPMPP2MSpec, DPMSolverPP2MSampler
 from n2a_plugins.schedules import CosineSchedule, LinearSchedule
 
@@ -187,6 +194,46 @@ def test_one_batched_forward_per_step_with_guidance(sampler):
     assert den.calls == [6] * 7
     assert done == [(i, 7) for i in range(1, 8)]
     assert out.shape == (3, 2, 4, 4) and out.dtype == torch.float32 and bool(out.isfinite().all())
+
+
+@torch.no_grad()
+def test_guidance_interval_guides_only_the_steps_inside_it():
+    torch.manual_seed(0)
+    schedule = SCHEDULES["cosine"]
+    den, cond = ToyConditional(), torch.randn(3, 3)
+    z = torch.randn(3, 2, 4, 4)
+    timesteps = spaced_timesteps(schedule.num_timesteps, 10)
+    log_snr = schedule.log_snr(timesteps)
+    lo, hi = -2.0, 3.0
+    inside = [bool(lo <= v <= hi) for v in log_snr]
+    assert any(inside) and not all(inside), "the interval must cut the grid for this test to mean anything"
+    chain = Chain.start(den, schedule, z.shape, timesteps, None, cond=cond, guidance=2.5, guidance_log_snr=(lo, hi))
+    assert list(chain.guided) == inside
+    den.calls.clear()
+    for i in range(len(chain)):
+        expected = guided_prediction(den, z, chain.t_in[i], cond, 2.5 if inside[i] else 0.0)
+        torch.testing.assert_close(chain.predict(z, i), expected)
+    # Outside the interval the step costs one conditional forward, inside one batched pair.
+    assert den.calls[::2] == [6 if g else 3 for g in inside]
+    unguided = Chain.start(den, schedule, z.shape, timesteps, None, cond=cond, guidance=2.5)
+    assert unguided.guided is None
+
+
+def test_guidance_interval_reaches_samples_from_the_spec():
+    spec = get_registry().validate_spec("sampler", {"type": "dpmpp-2m", "steps": 8, "guidance_log_snr": [-1.0, 1.0]})
+    sampler = get_registry().build("sampler", spec)
+    schedule, den = SCHEDULES["cosine"], ToyConditional()
+    timesteps = sampling_timesteps(schedule, 8, min_log_snr=spec.min_log_snr)
+    inside = [bool(-1.0 <= v <= 1.0) for v in schedule.log_snr(timesteps)]
+    assert any(inside) and not all(inside)
+    sample = sampler.sample(den, schedule, (2, 2, 4, 4), cond=torch.ones(2, 3), guidance=2.0,
+                            generator=generators_for_seeds([1, 2]))
+    assert den.calls == [4 if g else 2 for g in inside]
+    every = DPMSolverPP2MSampler(steps=8).sample(den, schedule, (2, 2, 4, 4), cond=torch.ones(2, 3), guidance=2.0,
+                                                 generator=generators_for_seeds([1, 2]))
+    assert not torch.allclose(sample, every)
+    with pytest.raises(SpecError, match=r"^sampler: .*guidance_log_snr \[1\.0, -1\.0\]: write it as \[lo, hi\]"):
+        get_registry().validate_spec("sampler", {"type": "dpmpp-2m", "guidance_log_snr": [1.0, -1.0]})
 
 
 # -- the Gaussian closed form --------------------------------------------------------------
@@ -405,6 +452,8 @@ def test_sampling_loop_never_reads_device_values(monkeypatch):
     for sampler in (DDPMSampler(steps=10), DDIMSampler(steps=10, eta=0.5), DPMSolverPP2MSampler(steps=10)):
         sampler.sample(oracle, schedule, (2, 1, 2, 2), cond=None, generator=generators_for_seeds([1, 2]))
         sampler.sample(ToyConditional(), schedule, (2, 2, 2, 2), cond=torch.ones(2, 3), guidance=1.5)
+    DPMSolverPP2MSampler(steps=10, guidance_log_snr=(-2.0, 2.0)).sample(
+        ToyConditional(), schedule, (2, 2, 2, 2), cond=torch.ones(2, 3), guidance=1.5)
 
 
 # -- where the chain starts ------------------------------------------------------------------

@@ -90,7 +90,7 @@ def test_unknown_plugin_name_in_a_kind_with_nothing_installed(registry):
 def test_unknown_key_suggests_the_closest(registry):
     message = one_line_error(overrides=["schedule.num_timestep=10"])
     assert message.startswith("schedule.num_timestep: unknown key (did you mean 'num_timesteps'?)")
-    assert message.endswith("allowed: max_beta, num_timesteps, offset, type")
+    assert message.endswith("allowed: log_snr_shift, max_beta, num_timesteps, offset, type")
 
     message = one_line_error(overrides=["trainin.lr=1"])
     assert message.startswith("trainin: unknown key (did you mean 'training'?)")
@@ -394,9 +394,10 @@ def test_batch_sizes_may_change_on_resume_and_old_digests_stay_known(registry):
 
 
 def test_fields_added_later_keep_old_runs_digests():
-    """A run made before feature_matching_weight and autoencoder_training.ema_decay existed
-    resumes: the digests its checkpoints carry (recorded then) are still this spec's, and
-    setting a new field away from its old behaviour still tells the specs apart."""
+    """A run made before feature_matching_weight, autoencoder_training.ema_decay,
+    latent_noise and log_snr_shift existed resumes: the digests its checkpoints carry
+    (recorded then) are still this spec's, and setting a new field away from its old
+    behaviour still tells the specs apart."""
     from n2a_core.specs import read_spec_file
     from n2a_core.training.run import AUTOENCODER_FIELDS, DIFFUSION_FIELDS
 
@@ -410,6 +411,13 @@ def test_fields_added_later_keep_old_runs_digests():
     for change in ("autoencoder.feature_matching_weight=1.0", "autoencoder_training.ema_decay=0.999"):
         changed = resolve_run_spec(old.model_dump(mode="json"), overrides=[change])
         assert changed.digest(*AUTOENCODER_FIELDS) != old.digest(*AUTOENCODER_FIELDS), change
+    changed = resolve_run_spec(old.model_dump(mode="json"), overrides=["schedule.log_snr_shift=1.0"])
+    assert changed.digest(*DIFFUSION_FIELDS) != old.digest(*DIFFUSION_FIELDS)
+    # latent_noise (session 10): a KL run made before it keeps the digest recorded then
+    kl = resolve_run_spec({"autoencoder": {"type": "kl-vae"}})
+    assert kl.digest(*AUTOENCODER_FIELDS) == "0d06bb3eeca2e175"
+    noisy = resolve_run_spec({"autoencoder": {"type": "kl-vae", "latent_noise": 0.2}})
+    assert noisy.digest(*AUTOENCODER_FIELDS) != kl.digest(*AUTOENCODER_FIELDS)
 
 
 def test_time_budget_reads_durations_and_refuses_the_rest(registry):
