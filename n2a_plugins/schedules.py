@@ -40,22 +40,32 @@ class CosineScheduleSpec(ComponentSpec):
     """s in f(t) = cos^2(((t/T + s) / (1 + s)) * pi/2); keeps beta small near t=0."""
     max_beta: float = Field(0.999, gt=0, lt=1)
     """Betas are clipped here to avoid the singularity at t=T."""
+    log_snr_shift: float = Field(0.0, ge=-10, le=10)
+    """Added to log(alpha_bar / (1 - alpha_bar)) at every t (Hoogeboom et al. 2023, "simple
+    diffusion"): positive spends more of training and sampling at low noise, as small or
+    low-dimensional inputs want; negative, at high noise, as large ones want."""
 
 
 class CosineSchedule(NoiseSchedule):
     """Improved DDPM (Nichol & Dhariwal 2021, eq. 17): alpha_bar_t = f(t) / f(0)."""
 
-    def __init__(self, num_timesteps: int = 1000, offset: float = 0.008, max_beta: float = 0.999):
-        self.offset = offset
+    def __init__(self, num_timesteps: int = 1000, offset: float = 0.008, max_beta: float = 0.999,
+                 log_snr_shift: float = 0.0):
+        self.offset, self.log_snr_shift = offset, log_snr_shift
         super().__init__(betas_from_alpha_bar(self._alpha_bar_unclipped, num_timesteps, max_beta))
 
     def _alpha_bar_unclipped(self, u: torch.Tensor) -> torch.Tensor:
         s = self.offset
         f = torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
-        return f / math.cos(s / (1 + s) * math.pi / 2) ** 2
+        alpha_bar = f / math.cos(s / (1 + s) * math.pi / 2) ** 2
+        if not self.log_snr_shift:
+            return alpha_bar
+        # SNR * e^shift, written in alpha_bar = SNR / (1 + SNR)
+        gain = math.exp(self.log_snr_shift)
+        return alpha_bar * gain / (1 + alpha_bar * (gain - 1))
 
     def alpha_bar_continuous(self, u: torch.Tensor | float) -> torch.Tensor:
-        """The closed form f(u)/f(0) (clipping only affects the discrete table's last steps)."""
+        """The closed form f(u)/f(0), shifted (clipping only affects the discrete table's last steps)."""
         u = torch.as_tensor(u, dtype=torch.float64).clamp(0, 1)
         return self._alpha_bar_unclipped(u).clamp(min=1e-12)
 

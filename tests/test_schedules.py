@@ -94,6 +94,20 @@ def test_cosine_offset_is_used(registry):
     np.testing.assert_allclose(s.alphas_cumprod[:-1].numpy(), expected, rtol=1e-10)
 
 
+@pytest.mark.parametrize("shift", [1.5, -2.0])
+def test_cosine_log_snr_shift_moves_log_snr_by_exactly_the_shift(registry, cosine, shift):
+    shifted = build(registry, "cosine", log_snr_shift=shift)
+    t = torch.arange(0, 990)  # before the clipped tail, where the betas differ by design
+    np.testing.assert_allclose((shifted.log_snr(t) - cosine.log_snr(t)).numpy(), shift, atol=1e-8)
+    u = torch.tensor([0.0, 0.1, 0.5, 0.9], dtype=torch.float64)
+    expected = cosine_alpha_bar(u.numpy() * T)
+    expected = expected * math.exp(shift) / (1 + expected * (math.exp(shift) - 1))  # SNR * e^shift
+    np.testing.assert_allclose(shifted.alpha_bar_continuous(u).numpy(), expected, rtol=1e-10)
+    # The ends stay pinned: clean data at t = 0, (almost) pure noise at t = T.
+    assert shifted.alpha_bar_continuous(0.0).item() == pytest.approx(1.0, abs=1e-12)
+    assert shifted.alphas_cumprod[-1].item() < 1e-6
+
+
 def test_linear_spec_refuses_decreasing_betas(registry):
     with pytest.raises(SpecError, match=r"^schedule: .*beta_end \(0\.001\) must be >= beta_start \(0\.01\)"):
         registry.validate_spec("schedule", {"type": "linear", "beta_start": 0.01, "beta_end": 0.001})

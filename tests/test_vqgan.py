@@ -540,6 +540,27 @@ def test_kl_bottleneck_samples_the_posterior():
     assert z.std().item() == pytest.approx(0.5, abs=0.02)
 
 
+def test_kl_latent_noise_is_half_normal_per_image_and_relative_to_the_latents_spread():
+    torch.manual_seed(0)
+    model = tiny_kl(latent_noise=0.3)
+    mean = 4.0 * torch.randn(2000, 4, 3, 3)  # spread 4: the noise must scale with it
+    h = torch.cat([mean, torch.full_like(mean, -30.0)], dim=1)  # posterior std ~3e-7: only the added noise
+    neck = model.bottleneck(h)
+    noise = neck.z - mean
+    # std(noise) = 0.3 * std(mean) * sqrt(E[n^2] E[eps^2]) = 0.3 * 4
+    assert noise.std().item() == pytest.approx(0.3 * 4.0, rel=0.03)
+    # One scale per image: its spread across images is that of |n|, E|n| = sqrt(2 / pi).
+    per_image = noise.flatten(1).std(dim=1) / mean.std()
+    assert per_image.mean().item() == pytest.approx(0.3 * math.sqrt(2 / math.pi), rel=0.05)
+    assert per_image.min().item() < 0.03 and per_image.max().item() > 0.6
+    # The regulariser and stage 2's latents are those of the posterior, noise or not.
+    plain = tiny_kl().bottleneck(h)
+    assert neck.loss.item() == pytest.approx(plain.loss.item(), rel=1e-6)
+    x = images(2)
+    model.eval()
+    torch.testing.assert_close(model.encode(x), model.encoder(x)[:, :4])
+
+
 def test_kl_autoencoder_encodes_the_posterior_mean_and_round_trips():
     torch.manual_seed(0)
     model = tiny_kl().eval()

@@ -99,6 +99,10 @@ class KLAutoencoderSpec(AdversarialAutoencoderSpec):
     type: Literal["kl-vae"] = "kl-vae"
     kl_weight: float = Field(1e-6, ge=0)
     """Weight of KL(q(z|x) || N(0, I)) against the per-image reconstruction loss (LDM: 1e-6)."""
+    latent_noise: float = Field(0.0, ge=0, le=10)
+    """Training only: the decoder also sees Gaussian noise of std latent_noise * |n| (n ~ N(0, 1)
+    per image) times the latents' std, as the sigma-VAE of Sun et al. 2024 does, so that it
+    learns to absorb the errors a denoiser leaves in the latents it samples. 0: off."""
 
 
 def _build(model_class: type[AdversarialAutoencoder]):

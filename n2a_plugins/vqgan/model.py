@@ -368,9 +368,9 @@ class KLAutoencoder(AdversarialAutoencoder):
     `encode` gives stage 2 the posterior mean.
     """
 
-    def __init__(self, kl_weight: float = 1e-6, **shared):
+    def __init__(self, kl_weight: float = 1e-6, latent_noise: float = 0.0, **shared):
         super().__init__(encoder_channels=2 * shared.get("z_channels", 4), **shared)
-        self.kl_weight = kl_weight
+        self.kl_weight, self.latent_noise = kl_weight, latent_noise
 
     def _posterior(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, log_var = h.chunk(2, dim=1)
@@ -379,6 +379,12 @@ class KLAutoencoder(AdversarialAutoencoder):
     def bottleneck(self, h: torch.Tensor) -> Bottleneck:
         mean, log_var = self._posterior(h)
         z = mean + torch.exp(0.5 * log_var) * torch.randn_like(mean)
+        if self.latent_noise > 0:
+            # Relative to the latents' own spread: stage 2 sees them scaled to unit variance, so
+            # this is the std of the error it can leave there. A scalar per image, half-normal,
+            # covers small and large errors alike.
+            per_image = self.latent_noise * torch.randn(len(z), 1, 1, 1, device=z.device, dtype=z.dtype).abs()
+            z = z + per_image * mean.detach().std() * torch.randn_like(z)
         kl = 0.5 * (mean.pow(2) + log_var.exp() - 1.0 - log_var).flatten(1).sum(1).mean()
         image_elements = 3 * (h.shape[-2] * self.downsample_factor) * (h.shape[-1] * self.downsample_factor)
         logs = {"kl": kl, "posterior_std": torch.exp(0.5 * log_var).mean()}
