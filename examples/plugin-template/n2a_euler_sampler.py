@@ -6,9 +6,10 @@ a spec (pydantic, its `type` literal is the name), the class, and one `register_
 
 A sampler writes only its update rule, `solve(chain)`. The core lays out the chain: the
 timestep grid (spacing, the epsilon floor `min_log_snr`, image-to-image `strength`), the
-starting latent, the guided prediction (with negative conditions), the inpainting mask's
-known region and the progress callback. So this sampler does image-to-image, inpainting,
-interpolation and negative prompts as the built-in ones do.
+starting latent, the guided prediction (with negative conditions and the guidance interval
+`guidance_log_snr`), the inpainting mask's known region and the progress callback. So this
+sampler does image-to-image, inpainting, interpolation, negative prompts and guidance
+intervals as the built-in ones do.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pydantic import Field
 from n2a_core import Chain, Sampler, SamplerSpec, hookimpl
 
 
-class EulerSpec(SamplerSpec):  # SamplerSpec brings timestep_spacing and min_log_snr
+class EulerSpec(SamplerSpec):  # SamplerSpec brings timestep_spacing, min_log_snr, guidance_log_snr
     type: Literal["euler"] = "euler"
     steps: int = Field(30, ge=1, le=10_000)
     """Denoiser evaluations."""
