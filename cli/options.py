@@ -31,7 +31,7 @@ PresetOption = Annotated[
 ]
 
 
-def finite(value):
+def finite(value: float | tuple[float, ...] | None) -> float | tuple[float, ...] | None:
     """The callback of every float option (and tuple of floats): Click takes 'inf' and 'nan'
     as floats, and nan even passes a min= bound (every comparison with it is false)."""
     for number in value if isinstance(value, tuple) else (value,):
