@@ -3,7 +3,7 @@
 `precision: auto` picks bf16 on CUDA devices that have it and on CPUs that compute bf16
 natively (AVX-512 BF16, AMX), fp32 elsewhere. This measures whether bf16 pays on the
 machine at hand, for a real spec's models and batch sizes (default: the yardstick
-candidate, benchmarks/specs/yardstick-kl-fm.yaml). Each stage
+candidate, benchmarks/specs/yardstick-candidate.yaml). Each stage
 is built twice from the same initial weights, once per precision, and trained through
 `TrainingLoop.train_step` alternately in one process: stage 1 on fixed random images, timed
 before and after the discriminator starts (`disc_start`), stage 2 on fixed random latents
@@ -36,7 +36,7 @@ from benchmarks.common import (
 )
 from benchmarks.stage1 import Images, autoencoder_loop, steps_case
 
-DEFAULT_SPEC = REPO / "benchmarks" / "specs" / "yardstick-kl-fm.yaml"
+DEFAULT_SPEC = REPO / "benchmarks" / "specs" / "yardstick-candidate.yaml"
 PRECISIONS = ("fp32", "bf16")
 
 
