@@ -31,7 +31,7 @@ from n2a_plugins.vqgan.losses import (
     group_count,
     load_lpips,
 )
-from n2a_plugins.vqgan.model import VQGAN, AdversarialAutoencoder, KLAutoencoder
+from n2a_plugins.vqgan.model import GAN_LOG_KEYS, VQGAN, AdversarialAutoencoder, KLAutoencoder
 from n2a_plugins.vqgan.quantizer import VectorQuantizer
 
 TINY = {"base_channels": 8, "channel_mult": (1, 2), "num_res_blocks": 1, "z_channels": 4, "codebook_size": 32}
@@ -445,6 +445,8 @@ def test_gan_weight_is_the_adaptive_weight_ramped_in():
 def test_disc_weight_zero_builds_no_discriminator():
     model = tiny(disc_weight=0.0, disc_start=0)
     assert model.discriminator is None and model.discriminator_parameters() == []
+    logs = model.training_losses(images(2), 5).logs
+    assert not set(GAN_LOG_KEYS) & set(logs)  # no discriminator, no discriminator columns
     assert model.training_losses(images(1), 100).discriminator_loss is None
     assert model.inference_modules() == []
     assert tiny(disc_weight=1.0, disc_layers=1).inference_modules() == ["discriminator"]

@@ -266,7 +266,9 @@ class AdversarialAutoencoder(Autoencoder):
         loss = nll + neck.loss
 
         zero = images.new_zeros(())
-        gan = dict.fromkeys(GAN_LOG_KEYS, zero)
+        # Zeros before disc_start keep the columns steady; without a discriminator there are
+        # no columns, so that a log never reads as a perfect discriminator.
+        gan = dict.fromkeys(GAN_LOG_KEYS, zero) if self.discriminator is not None else {}
         disc_loss = None
         if self.discriminator is not None and step >= self.disc_start:
             ramp = gan_ramp(step, self.disc_start, self.disc_warmup)
