@@ -150,7 +150,8 @@ def test_autoencoder_average_is_exported_and_resumes_exactly(tmp_path):
     """With autoencoder_training.ema_decay stage 2 gets the encoder/decoder average while the
     discriminator's weights stay live; a stage 1 stopped at 2 and resumed to 4 ends where a
     straight one does, although it previews (swapping the average in and out) at every step."""
-    common = ("autoencoder_training.ema_decay=0.5", "autoencoder.disc_start=1")
+    # The preset trains without a discriminator; this asks for one to see it kept out of the average.
+    common = ("autoencoder_training.ema_decay=0.5", "autoencoder.disc_weight=0.8", "autoencoder.disc_start=1")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert invoke("train-autoencoder", "--out", str(straight), *sets(*common)).exit_code == 0
     previews = sets(*common, "autoencoder_training.sample_every=1")

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "data.image_size=16", "data.limit=32", "data.val_fraction=0.25",
     "autoencoder.base_channels=16", "autoencoder.channel_mult=[1,2,2]",
+    "autoencoder.disc_weight=0.8",  # the preset has no discriminator: one here shows the export leaves it out
     "autoencoder_training.max_steps=2", "autoencoder_training.batch_size=8",
     "autoencoder_training.sample_every=2", "autoencoder_training.checkpoint_every=2",
     "denoiser.base_channels=16", "denoiser.channel_mult=[1,2]", "denoiser.num_res_blocks=1",
